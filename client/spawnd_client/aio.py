@@ -1,0 +1,258 @@
+"""The async client (anyio: runs on trio and asyncio alike).
+
+One connection, one reader task owned by the client's task group: open it with
+``async with AsyncClient() as client:``; leaving the block closes the connection (the
+daemon then applies each child's ``on_disconnect`` policy).
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import signal as _signal
+import socket
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import anyio
+
+from spawnd import protocol as P
+from spawnd.paths import default_socket_path
+
+from .autostart import private_daemon
+from .client import StrOrBytes, spawn_request
+from .errors import DaemonConnectionError, DaemonUnavailable, error_to_exception
+
+RECV_SIZE = 256 * 1024
+FD_SPACE = socket.CMSG_SPACE(8 * 4)
+
+
+class AsyncChild:
+    """A child started through :class:`AsyncClient`; ``returncode`` follows ``subprocess``."""
+
+    def __init__(self, client: AsyncClient, pid: int, pidfd: int | None) -> None:
+        self.client = client
+        self.pid = pid
+        self.pidfd = pidfd
+        self.returncode: int | None = None
+        self.lost: BaseException | None = None
+        self._done = anyio.Event()
+
+    def _on_exit(self, ev: P.Exit | BaseException) -> None:
+        if isinstance(ev, BaseException):
+            self.lost = ev
+        else:
+            self.returncode = ev.returncode
+        self.close()
+        self._done.set()
+
+    async def wait(self) -> int:
+        await self._done.wait()
+        if self.returncode is None:
+            raise DaemonConnectionError(f"exit status of {self.pid} lost: {self.lost}")
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    async def send_signal(self, sig: int) -> None:
+        if self._done.is_set():
+            return
+        try:
+            await self.client._request(P.Signal(id=self.client._next_id(), pid=self.pid,
+                                                signal=int(sig)))
+        except ProcessLookupError:
+            pass
+
+    async def terminate(self) -> None:
+        await self.send_signal(_signal.SIGTERM)
+
+    async def kill(self) -> None:
+        await self.send_signal(_signal.SIGKILL)
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+class AsyncClient:
+    """``async with AsyncClient(path) as c: child = await c.spawn([...])``."""
+
+    def __init__(self, path: str | None = None, *, autostart: bool | None = None) -> None:
+        self.path = path or default_socket_path()
+        if autostart is None:
+            autostart = os.environ.get("SPAWND_AUTOSTART", "1") != "0"
+        self.autostart = autostart
+        self._sock: socket.socket | None = None
+        self._proto = P.Connection("client")
+        self._ids = 0
+        self._waiters: dict[int, tuple[anyio.Event, list[Any]]] = {}
+        self._exits: dict[int, AsyncChild] = {}
+        self._send_lock = anyio.Lock()
+        self._hello = anyio.Event()
+        self._broken: BaseException | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        try:
+            self._sock = await self._connect(self.path)
+        except DaemonUnavailable:
+            if not self.autostart:
+                raise
+            path = await anyio.to_thread.run_sync(private_daemon)
+            self._sock = await self._connect(path)
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._read_loop)
+        await self._send(P.Hello(agent="spawnd_client.aio"), [])
+        await self._hello.wait()
+        if self._broken is not None:
+            await self.aclose()
+            raise DaemonUnavailable(errno.EPROTO, f"handshake failed: {self._broken}", self.path)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+            tg, self._tg = self._tg, None
+            await tg.__aexit__(None, None, None)
+        self._fail(DaemonConnectionError("client closed the connection"))
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    @staticmethod
+    async def _connect(path: str) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            try:
+                sock.connect(path)
+            except BlockingIOError:
+                await anyio.wait_writable(sock)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    raise OSError(err, os.strerror(err)) from None
+        except OSError as e:
+            sock.close()
+            raise DaemonUnavailable(e.errno or errno.ECONNREFUSED,
+                                    f"no spawnd daemon answers at {path}: {e.strerror}",
+                                    path) from None
+        return sock
+
+    def _next_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    async def _send(self, event: P.Event, fds: list[int]) -> None:
+        assert self._sock is not None
+        data = memoryview(self._proto.send(event))
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        async with self._send_lock:
+            while data:
+                try:
+                    sent = self._sock.sendmsg([data], anc)
+                except BlockingIOError:
+                    await anyio.wait_writable(self._sock)
+                    continue
+                data, anc = data[sent:], []
+
+    async def _request(self, event: P.Event, fds: list[int] | None = None) -> Any:
+        if self._broken is not None:
+            raise DaemonConnectionError(f"connection to spawnd lost: {self._broken}")
+        done = anyio.Event()
+        box: list[Any] = []
+        rid: int = event.id  # type: ignore[attr-defined]
+        self._waiters[rid] = (done, box)
+        try:
+            await self._send(event, fds or [])
+            await done.wait()
+        finally:
+            self._waiters.pop(rid, None)
+        reply = box[0]
+        if isinstance(reply, BaseException):
+            raise reply
+        if isinstance(reply, P.Error):
+            raise error_to_exception(reply)
+        return reply
+
+    async def _read_loop(self) -> None:
+        assert self._sock is not None
+        try:
+            while True:
+                await anyio.wait_readable(self._sock)
+                try:
+                    data, anc, _, _ = self._sock.recvmsg(RECV_SIZE, FD_SPACE,
+                                                         socket.MSG_CMSG_CLOEXEC)
+                except BlockingIOError:
+                    continue
+                fds: list[int] = []
+                for level, kind, blob in anc:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        a = array.array("i")
+                        a.frombytes(blob[: len(blob) - len(blob) % a.itemsize])
+                        fds.extend(a)
+                self._proto.receive_data(data, fds)
+                while (ev := self._proto.next_event()) is not None:
+                    self._route(ev)
+                if not data:
+                    raise DaemonConnectionError("spawnd closed the connection")
+        except (OSError, P.ProtocolError) as e:
+            self._fail(e)
+
+    def _route(self, ev: P.Event) -> None:
+        if isinstance(ev, P.Hello):
+            self._hello.set()
+        elif isinstance(ev, P.Exit):
+            child = self._exits.pop(ev.id, None)
+            if child is not None:
+                child._on_exit(ev)
+        elif getattr(ev, "id", None) is None:
+            if isinstance(ev, P.Error):
+                self._broken = error_to_exception(ev)
+        else:
+            waiter = self._waiters.get(ev.id)  # type: ignore[attr-defined]
+            if waiter is None:
+                for fd in getattr(ev, "fds_received", ()):
+                    os.close(fd)
+                return
+            if isinstance(ev, P.Spawned):
+                pidfd = ev.fds_received[0] if ev.pidfd and ev.fds_received else None
+                child = AsyncChild(self, ev.pid, pidfd)
+                self._exits[ev.id] = child  # before any later event: its exit may be next
+                waiter[1].append(child)
+            else:
+                waiter[1].append(ev)
+            waiter[0].set()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._broken is None:
+            self._broken = exc
+        reason = DaemonConnectionError(f"connection to spawnd lost: {self._broken}")
+        for done, box in self._waiters.values():
+            box.append(reason)
+            done.set()
+        for child in self._exits.values():
+            child._on_exit(reason)
+        self._exits.clear()
+        self._hello.set()
+
+    async def spawn(self, argv: Sequence[StrOrBytes], *, env: Mapping[Any, Any] | None = None,
+                    fds: Mapping[int, int] | None = None, executable: StrOrBytes | None = None,
+                    cwd: StrOrBytes | None = None, **options: Any) -> AsyncChild:
+        """Start a child (same keywords as :meth:`Client.spawn`); errors raise at once."""
+        options.setdefault("extra_groups", None)
+        options.setdefault("capabilities", ())
+        options.setdefault("rlimits", None)
+        req, send_fds = spawn_request(self._next_id(), argv, env=env, fds=fds,
+                                      executable=executable, cwd=cwd, **options)
+        return await self._request(req, send_fds)
+
+    async def ping(self) -> dict[str, int]:
+        pong = await self._request(P.Ping(id=self._next_id()))
+        return {"pid": pong.pid, "children": pong.children, "connections": pong.connections}

@@ -1,0 +1,223 @@
+"""The blocking, thread-safe client: ``Client.spawn`` returns a :class:`Child` handle."""
+
+from __future__ import annotations
+
+import os
+import signal as _signal
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from spawnd import protocol as P
+from spawnd.paths import default_socket_path
+
+from ._transport import Transport
+from .autostart import private_daemon
+from .errors import DaemonConnectionError, DaemonUnavailable
+
+StrOrBytes = str | bytes | os.PathLike
+
+
+def _b(v: StrOrBytes) -> bytes:
+    return os.fsencode(v)
+
+
+def encode_env(env: Mapping[Any, Any] | None) -> list[bytes]:
+    """``None`` means the caller's own environment, sent explicitly (the daemon adds nothing)."""
+    env = os.environ if env is None else env
+    return [_b(k) + b"=" + _b(v) for k, v in env.items()]
+
+
+def spawn_request(rid: int, argv: Sequence[StrOrBytes], *, env: Mapping[Any, Any] | None,
+                  fds: Mapping[int, int] | None, executable: StrOrBytes | None,
+                  cwd: StrOrBytes | None, extra_groups: Iterable[int] | None,
+                  capabilities: Iterable[str], rlimits: Mapping[str, tuple[int, int]] | None,
+                  **flags: Any) -> tuple[P.Spawn, list[int]]:
+    """The request and the fds to send with it, shared by the blocking and async clients.
+
+    Our fds are checked here: a closed fd would fail ``sendmsg`` and look like a broken
+    connection, when it is the caller's ``EBADF``.
+    """
+    items = sorted((fds or {}).items())
+    for _, fd in items:
+        os.fstat(fd)
+    req = P.Spawn(
+        id=rid, argv=tuple(_b(a) for a in argv), env=tuple(encode_env(env)),
+        executable=None if executable is None else _b(executable),
+        fds=tuple(k for k, _ in items), cwd=None if cwd is None else _b(cwd),
+        extra_groups=None if extra_groups is None else tuple(extra_groups),
+        capabilities=tuple(capabilities), rlimits=None if rlimits is None else dict(rlimits),
+        **flags)
+    return req, [fd for _, fd in items]
+
+
+class Child:
+    """A process the daemon started for us. ``returncode`` follows ``subprocess``.
+
+    ``pidfd`` (when the kernel allows) becomes readable when the child exits, so
+    ``select``/``multiprocessing.connection.wait`` work on it; it is closed by :meth:`close`.
+    """
+
+    def __init__(self, client: Client, transport: Transport, pid: int, pidfd: int | None,
+                 args: Any = None) -> None:
+        self.client = client
+        self.transport = transport
+        self.pid = pid
+        self.pidfd = pidfd
+        self.args = args
+        self.returncode: int | None = None
+        self.lost: BaseException | None = None
+        self._done = threading.Event()
+
+    def _on_exit(self, ev: P.Exit | BaseException) -> None:
+        if isinstance(ev, BaseException):
+            self.lost = ev
+        else:
+            self.returncode = ev.returncode
+        self._done.set()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The exit status, or None on timeout. Raises if the daemon connection died."""
+        if not self._done.wait(timeout):
+            return None
+        if self.returncode is None:
+            assert self.lost is not None
+            raise DaemonConnectionError(f"exit status of {self.pid} lost: {self.lost}")
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self.wait(0)
+
+    def send_signal(self, sig: int) -> None:
+        """Ask the daemon (it signals through its pidfd: never a recycled pid)."""
+        if self._done.is_set():
+            return
+        try:
+            self.transport.request(P.Signal(id=self.transport.next_id(), pid=self.pid,
+                                            signal=int(sig)))
+        except ProcessLookupError:
+            pass  # it exited meanwhile, like subprocess
+
+    def terminate(self) -> None:
+        self.send_signal(_signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(_signal.SIGKILL)
+
+    def fileno(self) -> int:
+        if self.pidfd is None:
+            raise ValueError("no pidfd for this child")
+        return self.pidfd
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+    def __del__(self) -> None:
+        fd = self.pidfd
+        if fd is not None:
+            self.pidfd = None
+            os.close(fd)
+
+
+class Client:
+    """A thread-safe handle to one daemon; reconnects by itself after the daemon restarts.
+
+    ``path`` defaults to ``$SPAWND_SOCKET`` or the per-user/system default. When nothing
+    answers there and ``autostart`` is true (default; ``SPAWND_AUTOSTART=0`` turns it off),
+    a private daemon is started once for this process, with ``posix_spawn``.
+    """
+
+    def __init__(self, path: str | None = None, *, autostart: bool | None = None) -> None:
+        self.path = path or default_socket_path()
+        if autostart is None:
+            autostart = os.environ.get("SPAWND_AUTOSTART", "1") != "0"
+        self.autostart = autostart
+        self._lock = threading.Lock()
+        self._transport: Transport | None = None
+
+    def transport(self) -> Transport:
+        """The live connection, (re)connecting if there is none or it broke."""
+        t = self._transport
+        if t is not None and t.broken is None:
+            return t
+        with self._lock:
+            t = self._transport
+            if t is not None and t.broken is None:
+                return t
+            if t is not None:
+                t.close()
+            self._transport = t = self._connect()
+            return t
+
+    def _connect(self) -> Transport:
+        try:
+            return Transport(self.path)
+        except DaemonUnavailable:
+            if not self.autostart:
+                raise
+        return Transport(private_daemon())
+
+    def spawn(self, argv: Sequence[StrOrBytes], *, env: Mapping[Any, Any] | None = None,
+              fds: Mapping[int, int] | None = None, executable: StrOrBytes | None = None,
+              cwd: StrOrBytes | None = None, start_new_session: bool = False,
+              process_group: int | None = None, on_disconnect: str = P.DEFAULT_ON_DISCONNECT,
+              grace: float = P.DEFAULT_GRACE, want_pidfd: bool = True,
+              user: int | None = None, group: int | None = None,
+              extra_groups: Iterable[int] | None = None, umask: int | None = None,
+              capabilities: Iterable[str] = (), rlimits: Mapping[str, tuple[int, int]] | None = None,
+              no_new_privs: bool = False, args: Any = None) -> Child:
+        """Start a child; raises ``FileNotFoundError`` etc. at once if it cannot run.
+
+        ``fds`` maps the child's fd numbers to our fds (sent with SCM_RIGHTS); the child
+        gets those and nothing else (0-2 not given are ``/dev/null``). ``env`` None sends
+        our own environment.
+        """
+        t = self.transport()
+        rid = t.next_id()
+        req, send_fds = spawn_request(
+            rid, argv, env=env, fds=fds, executable=executable, cwd=cwd,
+            start_new_session=start_new_session, process_group=process_group,
+            on_disconnect=on_disconnect, grace=grace, want_pidfd=want_pidfd, user=user,
+            group=group, extra_groups=extra_groups, umask=umask, capabilities=capabilities,
+            rlimits=rlimits, no_new_privs=no_new_privs)
+
+        def adopt(ev: P.Spawned) -> Child:
+            pidfd = ev.fds_received[0] if ev.pidfd and ev.fds_received else None
+            child = Child(self, t, ev.pid, pidfd, args if args is not None else argv)
+            t.exit_handlers[rid] = child._on_exit
+            return child
+
+        return t.request(req, send_fds, on_spawned=adopt)
+
+    def ping(self) -> dict[str, int]:
+        t = self.transport()
+        pong = t.request(P.Ping(id=t.next_id()))
+        return {"pid": pong.pid, "children": pong.children, "connections": pong.connections}
+
+    def close(self) -> None:
+        with self._lock:
+            if self._transport is not None:
+                self._transport.close()
+                self._transport = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_default: Client | None = None
+_default_lock = threading.Lock()
+
+
+def default_client() -> Client:
+    """The process-wide client the ``subprocess``-style functions use."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = Client()
+    return _default

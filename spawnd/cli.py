@@ -1,0 +1,195 @@
+"""``spawnd serve | run | ping | check-config``: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import grp
+import logging
+import os
+import signal
+import socket
+import sys
+
+from .paths import default_socket_path
+
+log = logging.getLogger("spawnd")
+
+
+def _group_id(name: str) -> int:
+    return int(name) if name.isdigit() else grp.getgrnam(name).gr_gid
+
+
+def open_listener(path: str, group: int | None) -> socket.socket:
+    """Bind a filesystem socket (never abstract) with 0600/0660 from the first instant.
+
+    A stale socket file is replaced only if nothing answers on it: two daemons must
+    never fight over one path.
+    """
+    from .activation import secure_socket_path
+
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755 if os.geteuid() == 0 else 0o700,
+                exist_ok=True)
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)
+        else:
+            raise SystemExit(f"spawnd: a daemon is already listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # no window in which the socket is open to others
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    secure_socket_path(path, group=group)
+    sock.listen(256)
+    return sock
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from .activation import ActivationError, Notifier, listen_sockets, secure_socket_path
+    from .log import setup_logging
+    from .policy import Policy, PolicyFileError
+    from .server import Options, Server
+
+    setup_logging(args.log_level)
+    group = _group_id(args.group) if args.group else None
+    try:
+        policy = Policy.load(args.config) if args.config else Policy.default(os.getuid())
+    except PolicyFileError as e:
+        print(f"spawnd: {e}", file=sys.stderr)
+        return 2
+    try:
+        activated = listen_sockets(os.environ)
+    except ActivationError as e:
+        print(f"spawnd: {e}", file=sys.stderr)
+        return 2
+    if activated:
+        listeners = [s for _, s in activated]
+        for s in listeners:  # the daemon sets the mode itself, also under activation
+            secure_socket_path(s.getsockname(), group=group)
+        log.info("socket-activated: %s", ", ".join(f"{n}={s.getsockname()}" for n, s in activated))
+    else:
+        own_path = args.socket or default_socket_path()
+        listeners = [open_listener(own_path, group)]
+        log.info("listening on %s", own_path)
+    notifier = Notifier.from_environ(os.environ)
+    server = Server(
+        listeners, policy, notifier=notifier,
+        options=Options(on_stop=args.on_stop, stop_grace=args.stop_grace,
+                        idle_exit=args.idle_exit),
+        reload_policy=(lambda: Policy.load(args.config)) if args.config else None,
+        lifeline=args.lifeline,
+    )
+    if args.ready_fd is not None:
+        async def main() -> None:
+            async with trio.open_nursery() as n:
+                await n.start(server.run)
+                os.write(args.ready_fd, b"ready\n")
+                if args.ready_fd != args.lifeline:
+                    os.close(args.ready_fd)
+        trio.run(main)
+    else:
+        trio.run(server.run)
+    if not activated:
+        try:
+            os.unlink(own_path)
+            if args.lifeline is not None:  # a private daemon's directory is its own
+                os.rmdir(os.path.dirname(own_path))
+        except OSError:
+            pass
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from .policy import Policy, PolicyFileError
+
+    try:
+        Policy.load(args.file)
+    except PolicyFileError as e:
+        print(f"spawnd: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: OK")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run one command through the daemon with our stdio; exit with its status."""
+    import spawnd_client
+
+    cmd = args.command
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        print("spawnd run: no command given", file=sys.stderr)
+        return 2
+    client = spawnd_client.Client(args.socket) if args.socket else None
+    try:
+        proc = spawnd_client.Popen(cmd, client=client)
+    except OSError as e:
+        print(f"spawnd run: {cmd[0]}: {e.strerror}"
+              + (f" (stage: {e.stage})" if getattr(e, "stage", None) else ""), file=sys.stderr)
+        return 127 if e.errno == errno.ENOENT else 126
+    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+    for sig in forwarded:  # the child is not in our terminal's process group: forward
+        signal.signal(sig, lambda s, _f: proc.send_signal(s))
+    rc = proc.wait()
+    return 128 - rc if rc < 0 else rc
+
+
+def _ping(args: argparse.Namespace) -> int:
+    import spawnd_client
+
+    client = spawnd_client.Client(args.socket, autostart=False)
+    info = client.ping()
+    print(f"spawnd pid {info['pid']}: {info['children']} children, "
+          f"{info['connections']} connections")
+    client.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="spawnd", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="run the daemon")
+    s.add_argument("--socket", help=f"socket path (default: {default_socket_path()})")
+    s.add_argument("--group", help="make the socket 0660 for this group")
+    s.add_argument("--config", help="policy file (TOML)")
+    s.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    s.add_argument("--idle-exit", type=float, metavar="SECONDS",
+                   help="exit after this long with no connections and no children")
+    s.add_argument("--on-stop", choices=("terminate", "kill", "wait"), default="terminate",
+                   help="what stopping the daemon does to live children (default: terminate: "
+                   "SIGTERM, then SIGKILL after --stop-grace)")
+    s.add_argument("--stop-grace", type=float, default=5.0, metavar="SECONDS")
+    s.add_argument("--lifeline", type=int, metavar="FD", help=argparse.SUPPRESS)
+    s.add_argument("--ready-fd", type=int, metavar="FD", help=argparse.SUPPRESS)
+    s.set_defaults(func=_serve)
+
+    r = sub.add_parser("run", help="run one command through the daemon")
+    r.add_argument("--socket")
+    r.add_argument("command", nargs=argparse.REMAINDER)
+    r.set_defaults(func=_run)
+
+    c = sub.add_parser("check-config", help="validate a policy file")
+    c.add_argument("file")
+    c.set_defaults(func=_check_config)
+
+    g = sub.add_parser("ping", help="ask a running daemon how it is")
+    g.add_argument("--socket")
+    g.set_defaults(func=_ping)
+
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

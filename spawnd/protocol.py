@@ -1,0 +1,535 @@
+"""The spawnd wire protocol: bytes in, events out, no I/O (in the spirit of h11).
+
+Both the daemon and the client use this module. A stream carries frames: a 4-byte
+big-endian length, then one msgpack map. File descriptors travel beside the bytes
+(SCM_RIGHTS); the transport tells :meth:`Connection.receive_data` which fds arrived
+with which bytes, and every fd is attributed to the frame whose first byte it came
+with. Nothing here opens, closes or waits on anything: fds are only numbers.
+
+See ``docs/protocol.md`` for the message reference.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import struct
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import msgpack
+
+VERSION = 1
+
+# Limits, with the reason beside each: the daemon must never allocate more than a
+# bounded amount per connection, whatever a peer sends.
+MAX_FRAME = 4 * 1024 * 1024  # > Linux's default ARG_MAX (2 MiB) so E2BIG comes from exec, not us
+MAX_STR = 1024 * 1024  # a single argv/env string; the kernel's own limit is 128 KiB (E2BIG)
+MAX_ARRAY = 1 << 17  # argv/env entries; ARG_MAX cannot hold more 8-byte pointers anyway
+MAX_MAP = 64  # a message has a handful of fields; rlimits has < 20 keys
+MAX_FDS = 253  # SCM_MAX_FD is 253 per sendmsg on Linux; one spawn's fds travel in one sendmsg
+MAX_PENDING_FDS = 1024  # fds received but not yet claimed by a complete frame
+MAX_FD_TARGET = 1 << 20  # a child's fd numbers; fs.nr_open's default ceiling
+
+HEADER = struct.Struct(">I")
+
+STAGE_PROTOCOL = "protocol"
+STAGE_POLICY = "policy"
+STAGE_LIMIT = "limit"
+STAGE_FDS = "fds"
+STAGE_CWD = "cwd"
+STAGE_CREDENTIALS = "credentials"
+STAGE_EXEC = "exec"
+
+DISCONNECT_POLICIES = ("terminate", "kill", "keep")
+DEFAULT_ON_DISCONNECT = "terminate"
+DEFAULT_GRACE = 5.0
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol. ``field`` names the offending field when there is one.
+
+    ``fatal`` means the byte stream can no longer be trusted and the connection must close;
+    otherwise only the one request is refused.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, request_id: int | None = None,
+                 fatal: bool = False, errno: int = _errno.EINVAL) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.request_id = request_id
+        self.fatal = fatal
+        self.errno = errno
+
+
+# ---------------------------------------------------------------------------- events
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base class: every message on the wire is one event. ``T`` is its wire type."""
+
+    T: ClassVar[str] = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"t": self.T}
+        for f in fields(self):
+            if f.name == "fds_received":
+                continue
+            v = getattr(self, f.name)
+            if v is not None:
+                d[f.name] = list(v) if isinstance(v, tuple) else v
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Event):
+    """First message each way: protocol version and who is talking."""
+
+    T: ClassVar[str] = "hello"
+    version: int = VERSION
+    agent: str = ""
+    pid: int | None = None  # the daemon's pid, in the daemon's hello
+
+
+@dataclass(frozen=True, slots=True)
+class Spawn(Event):
+    """Start a child. ``fds`` are the child's fd numbers, in the order the fds were sent."""
+
+    T: ClassVar[str] = "spawn"
+    id: int
+    argv: tuple[bytes, ...]
+    env: tuple[bytes, ...] = ()
+    executable: bytes | None = None
+    fds: tuple[int, ...] = ()
+    cwd: bytes | None = None
+    start_new_session: bool = False
+    process_group: int | None = None
+    on_disconnect: str = DEFAULT_ON_DISCONNECT
+    grace: float = DEFAULT_GRACE
+    want_pidfd: bool = True
+    user: int | None = None
+    group: int | None = None
+    extra_groups: tuple[int, ...] | None = None
+    umask: int | None = None
+    capabilities: tuple[str, ...] = ()
+    rlimits: dict[str, tuple[int, int]] | None = None
+    no_new_privs: bool = False
+    # Only set by the receiving side: the fds that actually came with this frame.
+    fds_received: tuple[int, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        d = Event.to_wire(self)
+        if self.rlimits is not None:
+            d["rlimits"] = {k: list(v) for k, v in self.rlimits.items()}
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class Signal(Event):
+    """Send ``signal`` to a child this connection owns."""
+
+    T: ClassVar[str] = "signal"
+    id: int
+    pid: int
+    signal: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Event):
+    """Liveness and a little introspection (the reply is :class:`Pong`)."""
+
+    T: ClassVar[str] = "ping"
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Spawned(Event):
+    """Reply to :class:`Spawn`: the child exists. A pidfd follows as an fd when ``pidfd``."""
+
+    T: ClassVar[str] = "spawned"
+    id: int
+    pid: int
+    pidfd: bool = False
+    fds_received: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Ok(Event):
+    """Reply to a request that has nothing else to say (e.g. :class:`Signal`)."""
+
+    T: ClassVar[str] = "ok"
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(Event):
+    T: ClassVar[str] = "pong"
+    id: int
+    pid: int = 0
+    children: int = 0
+    connections: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Event):
+    """A refused request (``id`` set) or a connection-level error (``id`` None).
+
+    Errors are data: an errno and the stage that failed, so clients raise the same
+    ``OSError`` subclass ``subprocess`` would, without parsing text.
+    """
+
+    T: ClassVar[str] = "error"
+    id: int | None = None
+    errno: int = _errno.EINVAL
+    stage: str = STAGE_PROTOCOL
+    message: str = ""
+    name: str = ""
+    field: str | None = None
+    filename: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Exit(Event):
+    """A child ended. ``returncode`` follows ``subprocess``: negative for a signal."""
+
+    T: ClassVar[str] = "exit"
+    id: int
+    pid: int
+    returncode: int
+
+
+# Who may send what: a daemon only accepts CLIENT_EVENTS and vice versa.
+CLIENT_EVENTS: dict[str, type[Event]] = {c.T: c for c in (Hello, Spawn, Signal, Ping)}
+SERVER_EVENTS: dict[str, type[Event]] = {c.T: c for c in (Hello, Spawned, Ok, Pong, Error, Exit)}
+
+
+def error_for(exc: OSError | ProtocolError, request_id: int | None, stage: str,
+              filename: Any = None) -> Error:
+    """Turn an exception into an :class:`Error` reply."""
+    num = exc.errno or _errno.EINVAL
+    msg = exc.message if isinstance(exc, ProtocolError) else (exc.strerror or str(exc))
+    fname = filename if filename is not None else getattr(exc, "filename", None)
+    if isinstance(fname, bytes):
+        fname = fname.decode("utf-8", "surrogateescape")
+    return Error(id=request_id, errno=num, stage=stage, message=msg,
+                 name=_errno.errorcode.get(num, ""), field=getattr(exc, "field", None),
+                 filename=None if fname is None else str(fname))
+
+
+# ---------------------------------------------------------------------------- validation
+
+def _want(cond: bool, message: str, name: str, rid: int | None) -> None:
+    if not cond:
+        raise ProtocolError(f"{name}: {message}", field=name, request_id=rid)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _text(v: Any, name: str, rid: int | None) -> bytes:
+    """argv/env/paths may be str (UTF-8) or bin; NUL bytes would truncate them in C."""
+    if isinstance(v, str):
+        v = v.encode("utf-8", "surrogateescape")
+    _want(isinstance(v, bytes), "must be a string", name, rid)
+    _want(b"\0" not in v, "contains a NUL byte", name, rid)
+    return v
+
+
+def _opt_int(m: Mapping[str, Any], key: str, rid: int | None, lo: int = 0,
+             hi: int = 2**32 - 1) -> int | None:
+    v = m.get(key)
+    if v is None:
+        return None
+    _want(_is_int(v) and lo <= v <= hi, f"must be an integer in [{lo}, {hi}]", key, rid)
+    return v
+
+
+def _bool(m: Mapping[str, Any], key: str, rid: int | None, default: bool) -> bool:
+    v = m.get(key, default)
+    _want(isinstance(v, bool), "must be a boolean", key, rid)
+    return v
+
+
+def _list(m: Mapping[str, Any], key: str, rid: int | None) -> list[Any]:
+    v = m.get(key, [])
+    _want(isinstance(v, list), "must be an array", key, rid)
+    return v
+
+
+def _parse_spawn(m: Mapping[str, Any], rid: int, fds: tuple[int, ...]) -> Spawn:
+    argv_raw = m.get("argv")
+    _want(isinstance(argv_raw, list), "must be an array of strings", "argv", rid)
+    _want(len(argv_raw) > 0, "must not be empty (argv[0] is the program name)", "argv", rid)
+    argv = tuple(_text(a, f"argv[{i}]", rid) for i, a in enumerate(argv_raw))
+    env: list[bytes] = []
+    seen: set[bytes] = set()
+    for i, e in enumerate(_list(m, "env", rid)):
+        b = _text(e, f"env[{i}]", rid)
+        key, eq, _ = b.partition(b"=")
+        _want(bool(eq) and bool(key), "must be KEY=VALUE with a non-empty KEY", f"env[{i}]", rid)
+        _want(key not in seen, f"duplicate variable {key.decode('utf-8', 'replace')!r}",
+              f"env[{i}]", rid)
+        seen.add(key)
+        env.append(b)
+    targets = _list(m, "fds", rid)
+    _want(len(targets) <= MAX_FDS, f"at most {MAX_FDS} fds", "fds", rid)
+    for i, t in enumerate(targets):
+        _want(_is_int(t) and 0 <= t < MAX_FD_TARGET, "must be an fd number", f"fds[{i}]", rid)
+    _want(len(set(targets)) == len(targets), "target fd numbers must be distinct", "fds", rid)
+    if len(targets) != len(fds):
+        raise ProtocolError(f"fds: request declares {len(targets)} fds but {len(fds)} arrived "
+                            "with it", field="fds", request_id=rid, errno=_errno.EBADF)
+    executable = m.get("executable")
+    cwd = m.get("cwd")
+    on_disc = m.get("on_disconnect", DEFAULT_ON_DISCONNECT)
+    _want(on_disc in DISCONNECT_POLICIES, f"must be one of {DISCONNECT_POLICIES}",
+          "on_disconnect", rid)
+    grace = m.get("grace", DEFAULT_GRACE)
+    _want(isinstance(grace, (int, float)) and not isinstance(grace, bool) and 0 <= grace <= 3600,
+          "must be a number of seconds in [0, 3600]", "grace", rid)
+    extra = m.get("extra_groups")
+    if extra is not None:
+        _want(isinstance(extra, list) and len(extra) <= 65536, "must be an array of gids",
+              "extra_groups", rid)
+        for i, g in enumerate(extra):
+            _want(_is_int(g) and 0 <= g < 2**32 - 1, "must be a gid", f"extra_groups[{i}]", rid)
+        extra = tuple(extra)
+    caps = _list(m, "capabilities", rid)
+    for i, c in enumerate(caps):
+        _want(isinstance(c, str) and c.isascii() and 0 < len(c) < 64, "must be a capability name",
+              f"capabilities[{i}]", rid)
+    rl = m.get("rlimits")
+    rlimits: dict[str, tuple[int, int]] | None = None
+    if rl is not None:
+        _want(isinstance(rl, dict), "must be a map of name to [soft, hard]", "rlimits", rid)
+        rlimits = {}
+        for k, v in rl.items():
+            _want(isinstance(k, str) and len(k) < 32, "keys must be names", "rlimits", rid)
+            _want(isinstance(v, list) and len(v) == 2 and all(_is_int(x) and -1 <= x < 2**64
+                                                              for x in v),
+                  "must be [soft, hard] with -1 for unlimited", f"rlimits.{k}", rid)
+            rlimits[k] = (v[0], v[1])
+    pg = m.get("process_group")
+    if pg is not None:
+        _want(_is_int(pg) and 0 <= pg < 2**31, "must be a process group id (0: new group)",
+              "process_group", rid)
+    return Spawn(
+        id=rid, argv=argv, env=tuple(env),
+        executable=None if executable is None else _text(executable, "executable", rid),
+        fds=tuple(targets),
+        cwd=None if cwd is None else _text(cwd, "cwd", rid),
+        start_new_session=_bool(m, "start_new_session", rid, False),
+        process_group=pg,
+        on_disconnect=on_disc, grace=float(grace),
+        want_pidfd=_bool(m, "want_pidfd", rid, True),
+        user=_opt_int(m, "user", rid, hi=2**32 - 2), group=_opt_int(m, "group", rid, hi=2**32 - 2),
+        extra_groups=extra, umask=_opt_int(m, "umask", rid, hi=0o777),
+        capabilities=tuple(caps), rlimits=rlimits,
+        no_new_privs=_bool(m, "no_new_privs", rid, False),
+        fds_received=fds,
+    )
+
+
+def _parse(m: Any, fds: tuple[int, ...], allowed: Mapping[str, type[Event]]) -> Event:
+    if not isinstance(m, dict):
+        raise ProtocolError("a message must be a map", fatal=True)
+    t = m.get("t")
+    if t not in allowed:
+        raise ProtocolError(f"unknown message type {t!r}", field="t", request_id=_rid(m))
+    cls = allowed[t]
+    rid = _rid(m)
+    if cls is not Hello and cls is not Error:
+        _want(rid is not None, "must be a non-negative integer", "id", None)
+    if cls is Spawn:
+        return _parse_spawn(m, rid, fds)  # type: ignore[arg-type]
+    if fds and cls is not Spawned:
+        raise ProtocolError(f"fds arrived with a {t!r} message, which carries none",
+                            field="fds", request_id=rid, errno=_errno.EBADF)
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name == "fds_received":
+            kwargs[f.name] = fds
+        elif f.name in m:
+            kwargs[f.name] = m[f.name]
+    try:
+        ev = cls(**kwargs)
+    except TypeError as e:
+        raise ProtocolError(f"{t}: {e}", request_id=rid) from None
+    _check_types(ev, rid)
+    return ev
+
+
+_SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
+    "version": (int,), "agent": (str,), "pid": (int,), "signal": (int,), "pidfd": (bool,),
+    "children": (int,), "connections": (int,), "returncode": (int,), "errno": (int,),
+    "stage": (str,), "message": (str,), "name": (str,), "field": (str,), "filename": (str,),
+}
+
+
+def _check_types(ev: Event, rid: int | None) -> None:
+    for f in fields(ev):
+        want = _SIMPLE_TYPES.get(f.name)
+        v = getattr(ev, f.name)
+        if want is not None and v is not None:
+            ok = isinstance(v, want) and not (want == (int,) and isinstance(v, bool))
+            _want(ok, f"must be {want[0].__name__}", f.name, rid)
+
+
+def _rid(m: Mapping[str, Any]) -> int | None:
+    v = m.get("id")
+    return v if _is_int(v) and 0 <= v < 2**63 else None
+
+
+# ---------------------------------------------------------------------------- connection
+
+class Connection:
+    """One side of a spawnd conversation: feed bytes (and fds), pull events, send events.
+
+    ``role`` is ``"server"`` (accepts client messages) or ``"client"``. After a fatal
+    :class:`ProtocolError` the connection is dead: every later call raises again, and
+    :meth:`take_unclaimed_fds` hands back fds no event claimed, for the caller to close.
+    """
+
+    def __init__(self, role: str) -> None:
+        if role not in ("server", "client"):
+            raise ValueError("role must be 'server' or 'client'")
+        self.role = role
+        self._allowed = CLIENT_EVENTS if role == "server" else SERVER_EVENTS
+        self._buf = bytearray()
+        self._consumed = 0  # stream offset of self._buf[0]
+        self._fds: deque[tuple[int, int]] = deque()  # (stream offset, fd)
+        self._events: deque[Event] = deque()
+        self._dead: ProtocolError | None = None
+        self.their_hello: Hello | None = None
+        self.eof = False
+
+    @property
+    def in_frame(self) -> bool:
+        """Part of a frame has arrived and the rest has not (timeouts care about this)."""
+        return bool(self._buf)
+
+    # -- receiving
+    def receive_data(self, data: bytes, fds: Iterable[int] = ()) -> None:
+        """Feed bytes read from the peer and the fds that came with them (b"" = EOF)."""
+        # The kernel ends a read right after the message that carried fds, and that message
+        # is one whole frame (one sendmsg), so fds belong to the frame holding the chunk's
+        # LAST byte; earlier frames in the same chunk came without fds.
+        offset = self._consumed + len(self._buf) + max(len(data) - 1, 0)
+        for fd in fds:
+            self._fds.append((offset, fd))
+        if self._dead is not None:
+            raise self._dead
+        if not data:
+            self.eof = True
+            return
+        if len(self._fds) > MAX_PENDING_FDS:
+            self._die(ProtocolError(f"more than {MAX_PENDING_FDS} fds are waiting for frames",
+                                    errno=_errno.EMFILE, field="fds", fatal=True))
+        self._buf += data
+
+    def next_event(self) -> Event | None:
+        """Return the next complete event, or None if more data is needed.
+
+        Raises :class:`ProtocolError`: fatal ones end the connection; others refuse only
+        one request, and the caller may go on reading.
+        """
+        if self._dead is not None:
+            raise self._dead
+        while True:
+            if len(self._buf) < HEADER.size:
+                if self.eof and (self._buf or self._fds):
+                    self._die(ProtocolError("connection closed in the middle of a frame",
+                                            fatal=True))
+                return None
+            (size,) = HEADER.unpack_from(self._buf)
+            if size == 0 or size > MAX_FRAME:
+                self._die(ProtocolError(f"frame of {size} bytes (limit {MAX_FRAME})",
+                                        errno=_errno.EMSGSIZE, fatal=True))
+            end = HEADER.size + size
+            if len(self._buf) < end:
+                if self.eof:
+                    self._die(ProtocolError("connection closed in the middle of a frame",
+                                            fatal=True))
+                return None
+            body = bytes(self._buf[HEADER.size:end])
+            start = self._consumed
+            del self._buf[:end]
+            self._consumed += end
+            fds = self._claim_fds(start, self._consumed)
+            try:
+                msg = self._unpack(body)
+            except ProtocolError as e:
+                self._fds.extendleft((start, fd) for fd in reversed(fds))
+                self._die(e)
+            try:
+                ev = _parse(msg, fds, self._allowed)
+            except ProtocolError as e:
+                # The frame is consumed; its fds are the caller's to close.
+                e.fds = fds  # type: ignore[attr-defined]
+                if e.fatal:
+                    self._fds.extendleft((start, fd) for fd in reversed(fds))
+                    self._die(e)
+                raise
+            if self.their_hello is None:
+                if not isinstance(ev, Hello):
+                    e = ProtocolError("the first message must be hello", field="t", fatal=True)
+                    self._fds.extendleft((start, fd) for fd in reversed(fds))
+                    self._die(e)
+                if ev.version != VERSION:  # type: ignore[union-attr]
+                    self._die(ProtocolError(f"unsupported protocol version {ev.version}; "  # type: ignore[union-attr]
+                                            f"this side speaks {VERSION}", field="version",
+                                            errno=_errno.EPROTONOSUPPORT, fatal=True))
+                self.their_hello = ev  # type: ignore[assignment]
+            elif isinstance(ev, Hello):
+                raise ProtocolError("hello sent twice", field="t")
+            return ev
+
+    def _claim_fds(self, start: int, end: int) -> tuple[int, ...]:
+        # fds attributed to this frame (or, stray, to none before it): the parser checks the
+        # count against the request, so a stray fd makes that request fail, not leak.
+        got = []
+        while self._fds and self._fds[0][0] < end:
+            got.append(self._fds.popleft()[1])
+        return tuple(got)
+
+    @staticmethod
+    def _unpack(body: bytes) -> Any:
+        try:
+            return msgpack.unpackb(
+                body, raw=False, strict_map_key=True, use_list=True,
+                max_str_len=MAX_STR, max_bin_len=MAX_STR, max_array_len=MAX_ARRAY,
+                max_map_len=MAX_MAP, max_ext_len=0,
+                ext_hook=_refuse_ext,
+            )
+        except ProtocolError:
+            raise
+        except (ValueError, msgpack.ExtraData, msgpack.StackError, TypeError) as e:
+            kind = type(e).__name__
+            raise ProtocolError(f"undecodable message ({kind}: {e})", fatal=True) from None
+        except Exception as e:  # msgpack raises a few odd types on hostile input
+            raise ProtocolError(f"undecodable message ({type(e).__name__})", fatal=True) from None
+
+    def _die(self, e: ProtocolError) -> None:
+        e.fatal = True
+        self._dead = e
+        self._buf.clear()
+        raise e
+
+    def take_unclaimed_fds(self) -> list[int]:
+        """Fds that arrived but belong to no event; the caller must close them."""
+        fds = [fd for _, fd in self._fds]
+        self._fds.clear()
+        return fds
+
+    # -- sending
+    def send(self, event: Event) -> bytes:
+        """Bytes to write for ``event`` (send its fds in the same sendmsg as these bytes)."""
+        body = msgpack.packb(event.to_wire(), use_bin_type=True)
+        return HEADER.pack(len(body)) + body
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError("msgpack ext types are not allowed", fatal=True)

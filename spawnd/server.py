@@ -1,0 +1,451 @@
+"""Listeners, one task per connection, dispatch, and a designed shutdown.
+
+Task tree (every task has one owner)::
+
+    Server.run                      the root nursery
+    ├── accept loop per listener    stops first on shutdown
+    ├── ChildTable watchers         one per live child; outlive their connections
+    ├── connection tasks            ConnectionHandler.run: a reader and a writer
+    └── signals / watchdog / status / lifeline / idle-exit helpers
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import trio
+
+from . import protocol as P
+from . import spawner
+from .activation import Notifier
+from .children import Child, ChildTable
+from .policy import Grant, Peer, Policy, Refused
+
+log = logging.getLogger("spawnd")
+
+HANDSHAKE_TIMEOUT = 5.0  # a connection must say hello within this
+FRAME_TIMEOUT = 10.0  # once a frame has started, it must complete within this (drip feeders)
+RECV_SIZE = 256 * 1024
+FD_SPACE = socket.CMSG_SPACE(P.MAX_FDS * 4)
+ACCEPT_BACKOFF = 0.1  # out of fds: retry accept this often instead of spinning
+FLUSH_TIMEOUT = 2.0  # at shutdown, how long queued exit events may take to reach clients
+
+
+@dataclass
+class Options:
+    on_stop: str = "terminate"  # what daemon shutdown does to children: terminate | kill | wait
+    stop_grace: float = 5.0
+    idle_exit: float | None = None
+
+
+def peer_of(sock: socket.socket) -> Peer:
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                        struct.calcsize("3i")))
+    return Peer(uid=uid, gid=gid, pid=pid)
+
+
+def _close_all(fds: tuple[int, ...] | list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class RateLimiter:
+    """Token bucket per uid: a spawn rate from policy, refilled continuously."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, tuple[float, float]] = {}
+
+    def allow(self, uid: int, rate: float, burst: int) -> bool:
+        now = time.monotonic()
+        tokens, last = self._buckets.get(uid, (float(burst), now))
+        tokens = min(float(burst), tokens + (now - last) * rate)
+        if tokens < 1:
+            self._buckets[uid] = (tokens, now)
+            return False
+        self._buckets[uid] = (tokens - 1, now)
+        return True
+
+
+class Server:
+    """The daemon: owns listeners, connections, children and the policy in force."""
+
+    def __init__(self, listeners: list[socket.socket], policy: Policy, *,
+                 notifier: Notifier | None = None, options: Options | None = None,
+                 reload_policy: Callable[[], Policy] | None = None,
+                 lifeline: int | None = None) -> None:
+        self.listeners = listeners
+        self.policy = policy
+        self.notifier = notifier or Notifier.from_environ({})
+        self.options = options or Options()
+        self.reload_policy = reload_policy
+        self.lifeline = lifeline
+        self.connections: set[ConnectionHandler] = set()
+        self.rate = RateLimiter()
+        self.children: ChildTable
+        self._stopping = trio.Event()
+        self._activity = trio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def poke(self) -> None:
+        """Something happened (connection opened/closed, child reaped): idle-exit re-checks."""
+        self._activity.set()
+        self._activity = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as root:
+            self.children = ChildTable(root)
+            async with trio.open_nursery() as conns:
+                async with trio.open_nursery() as helpers:
+                    for sock in self.listeners:
+                        helpers.start_soon(self._accept_loop, trio.socket.from_stdlib_socket(sock),
+                                           conns)
+                    helpers.start_soon(self._signals)
+                    if self.notifier.watchdog_interval:
+                        helpers.start_soon(self._watchdog)
+                    if self.notifier.enabled:
+                        helpers.start_soon(self._status)
+                    if self.lifeline is not None:
+                        helpers.start_soon(self._watch_lifeline)
+                    if self.options.idle_exit:
+                        helpers.start_soon(self._idle_exit, self.options.idle_exit)
+                    self.notifier.ready()
+                    log.info("spawnd %d ready", os.getpid())
+                    task_status.started()
+                    await self._stopping.wait()
+                    helpers.cancel_scope.cancel()
+                # Accepting has stopped. Children first, so their exits reach clients.
+                self.notifier.stopping()
+                log.info("stopping: %d children (%s)", len(self.children), self.options.on_stop)
+                for sock in self.listeners:
+                    sock.close()
+                await self.children.stop_all(self.options.on_stop, self.options.stop_grace)
+                for conn in list(self.connections):
+                    conn.close_soon()
+                with trio.move_on_after(FLUSH_TIMEOUT):  # a client that never reads
+                    while self.connections:
+                        await self._activity.wait()
+                conns.cancel_scope.cancel()
+            root.cancel_scope.cancel()
+        log.info("stopped")
+
+    # -- helpers under the root
+    async def _accept_loop(self, lsock: trio.socket.SocketType, conns: trio.Nursery) -> None:
+        while True:
+            try:
+                sock, _ = await lsock.accept()
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("accept: %s; retrying in %.1fs", e.strerror, ACCEPT_BACKOFF)
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    continue
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                    continue
+                raise
+            conns.start_soon(ConnectionHandler(self, sock).run)
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for sig in sigs:
+                if sig == signal.SIGHUP:
+                    self.reload()
+                else:
+                    log.info("received %s", signal.Signals(sig).name)
+                    self.stop()
+
+    def reload(self) -> None:
+        """SIGHUP: swap in a freshly validated policy; keep the old one if the new is bad."""
+        if self.reload_policy is None:
+            log.info("SIGHUP: no policy file to reload")
+            return
+        self.notifier.reloading()
+        try:
+            self.policy = self.reload_policy()
+            log.info("policy reloaded")
+        except Exception as e:  # any error in the new file keeps the old policy
+            log.error("policy reload failed, keeping the old policy: %s", e)
+        self.notifier.ready()
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval
+        assert interval
+        while True:
+            self.notifier.watchdog()
+            await trio.sleep(interval)
+
+    async def _status(self) -> None:
+        last = None
+        while True:
+            text = f"{len(self.children)} children, {len(self.connections)} connections"
+            if text != last:
+                self.notifier.status(text)
+                last = text
+            await trio.sleep(1.0)
+
+    async def _watch_lifeline(self) -> None:
+        """A private daemon lives as long as the client that started it holds the other end."""
+        assert self.lifeline is not None
+        os.set_blocking(self.lifeline, False)
+        while True:
+            await trio.lowlevel.wait_readable(self.lifeline)
+            try:
+                if not os.read(self.lifeline, 4096):
+                    break
+            except BlockingIOError:
+                continue
+            except OSError:
+                break
+        log.info("the client that started this private daemon is gone")
+        self.stop()
+
+    async def _idle_exit(self, seconds: float) -> None:
+        while True:
+            if not self.connections and not len(self.children):
+                with trio.move_on_after(seconds):
+                    await self._activity.wait()
+                    continue
+                if not self.connections and not len(self.children):
+                    log.info("idle for %.0fs: exiting", seconds)
+                    self.stop()
+                    return
+            else:
+                await self._activity.wait()
+
+
+class ConnectionHandler:
+    """One client: read frames, dispatch requests, write replies and exit events.
+
+    Any exception here ends this connection only (logged); the server goes on.
+    """
+
+    def __init__(self, server: Server, sock: trio.socket.SocketType) -> None:
+        self.server = server
+        self.sock = sock
+        self.proto = P.Connection("server")
+        self.peer: Peer | None = None
+        self.outbox_send, self.outbox = trio.open_memory_channel[tuple[bytes, list[int]]](
+            float("inf"))
+        self.scope = trio.CancelScope()
+
+    def close_soon(self) -> None:
+        """Flush what is queued, then close (used at daemon shutdown)."""
+        self.outbox_send.close()
+
+    def send(self, event: P.Event, fds: list[int] | None = None) -> None:
+        """Queue ``event``; never blocks, so a slow reader cannot stall the reaper.
+
+        The queue is bounded in practice by the client's live children (one exit each).
+        """
+        try:
+            self.outbox_send.send_nowait((self.proto.send(event), fds or []))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    async def run(self) -> None:
+        self.server.connections.add(self)
+        self.server.poke()
+        try:
+            with self.scope:
+                self.peer = peer_of(self.sock)
+                async with trio.open_nursery() as n:
+                    n.start_soon(self._writer)
+                    await self._reader()
+                    self.outbox_send.close()
+        except Exception:
+            log.exception("connection from %s failed", self.peer)
+        finally:
+            self.server.connections.discard(self)
+            self.server.children.orphan(self)
+            for _, fds in self._drain():
+                _close_all(fds)
+            _close_all(self.proto.take_unclaimed_fds())
+            self.sock.close()
+            self.server.poke()
+
+    def _drain(self) -> list[tuple[bytes, list[int]]]:
+        out = []
+        while True:
+            try:
+                out.append(self.outbox.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return out
+
+    async def _writer(self) -> None:
+        try:
+            async for data, fds in self.outbox:
+                try:
+                    anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                           if fds else [])
+                    view = memoryview(data)
+                    sent = await self.sock.sendmsg([view], anc)
+                    while sent < len(view):
+                        sent += await self.sock.send(view[sent:])
+                finally:
+                    _close_all(fds)  # our copies (e.g. dup'd pidfds) are done once sent
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        # The outbox was closed (reader done, or shutdown) and flushed, or the peer is gone.
+        self.scope.cancel()
+
+    async def _recv(self) -> tuple[bytes, list[int]]:
+        data, anc, flags, _ = await self.sock.recvmsg(RECV_SIZE, FD_SPACE,
+                                                      socket.MSG_CMSG_CLOEXEC)
+        fds: list[int] = []
+        for level, kind, blob in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                a = array.array("i")
+                a.frombytes(blob[: len(blob) - len(blob) % a.itemsize])
+                fds.extend(a)
+        if flags & socket.MSG_CTRUNC:
+            _close_all(fds)
+            raise P.ProtocolError("control message truncated (too many fds, or the daemon "
+                                  "is out of fds): fds were lost", field="fds",
+                                  errno=errno.EMFILE, fatal=True)
+        return data, fds
+
+    async def _reader(self) -> None:
+        assert self.peer is not None
+        hello = P.Hello(agent="spawnd", pid=os.getpid())
+        if not self.server.policy.may_connect(self.peer):
+            log.warning("refused connection from uid %d", self.peer.uid)
+            self.send(hello)
+            self.send(P.Error(id=None, errno=errno.EPERM, name="EPERM", stage=P.STAGE_POLICY,
+                              message=f"uid {self.peer.uid} may not use this daemon"))
+            return
+        self.send(hello)
+        deadline: float | None = trio.current_time() + HANDSHAKE_TIMEOUT
+        while True:
+            try:
+                with trio.fail_at(deadline) if deadline is not None else nullcontext():
+                    data, fds = await self._recv()
+                self.proto.receive_data(data, fds)
+                while (ev := self.proto.next_event()) is not None:
+                    self._dispatch(ev)
+            except trio.TooSlowError:
+                what = "hello" if self.proto.their_hello is None else "the rest of a message"
+                self.send(P.Error(id=None, errno=errno.ETIMEDOUT, name="ETIMEDOUT",
+                                  stage=P.STAGE_PROTOCOL, message=f"timed out waiting for {what}"))
+                return
+            except P.ProtocolError as e:
+                _close_all(getattr(e, "fds", ()))
+                log.info("protocol error from uid %d: %s", self.peer.uid, e.message)
+                self.send(P.error_for(e, e.request_id, P.STAGE_PROTOCOL))
+                if e.fatal:
+                    return
+                continue
+            if not data:
+                return
+            # Handshake pending, or a partial frame buffered: the peer must finish in time.
+            if self.proto.their_hello is None:
+                continue  # keep the handshake deadline
+            if self.proto.in_frame:
+                deadline = trio.current_time() + FRAME_TIMEOUT if deadline is None else deadline
+            else:
+                deadline = None
+
+    # -- requests
+    def _dispatch(self, ev: P.Event) -> None:
+        if isinstance(ev, P.Spawn):
+            try:
+                self._spawn(ev)
+            finally:
+                _close_all(ev.fds_received)
+        elif isinstance(ev, P.Signal):
+            self._signal(ev)
+        elif isinstance(ev, P.Ping):
+            self.send(P.Pong(id=ev.id, pid=os.getpid(), children=len(self.server.children),
+                             connections=len(self.server.connections)))
+
+    def _spawn(self, req: P.Spawn) -> None:
+        assert self.peer is not None
+        server = self.server
+        policy = server.policy
+        try:
+            limit = policy.max_children(self.peer)
+            if limit is not None and server.children.count_for(self.peer.uid) >= limit:
+                raise Refused(errno.EAGAIN, f"uid {self.peer.uid} already has {limit} live "
+                              "children (policy max_children)", "argv")
+            rate = policy.spawn_rate(self.peer)
+            if rate is not None and not server.rate.allow(self.peer.uid, *rate):
+                raise Refused(errno.EAGAIN, f"uid {self.peer.uid} exceeds its spawn rate "
+                              f"({rate[0]:g}/s)", "argv")
+        except Refused as e:
+            log.info("refused spawn for uid %d: %s", self.peer.uid, e.message)
+            self.send(P.Error(id=req.id, errno=e.errno, name=errno.errorcode.get(e.errno, ""),
+                              stage=P.STAGE_LIMIT, message=e.message, field=e.field))
+            return
+        try:
+            pid = self._start(req)
+        except Refused as e:
+            log.info("policy refused spawn for uid %d: %s", self.peer.uid, e.message)
+            self.send(P.Error(id=req.id, errno=e.errno, name=errno.errorcode.get(e.errno, ""),
+                              stage=P.STAGE_POLICY, message=e.message, field=e.field))
+            return
+        except spawner.SpawnError as e:
+            self.send(P.error_for(e, req.id, e.stage))
+            return
+        try:
+            child = server.children.add(pid, uid=self.peer.uid, request_id=req.id,
+                                        on_disconnect=req.on_disconnect, grace=req.grace,
+                                        owner=self, on_exit=self._child_exited)
+        except OSError as e:
+            self.send(P.error_for(e, req.id, P.STAGE_FDS))
+            return
+        log.debug("uid %d spawned %d: %r", self.peer.uid, pid, req.argv[0])
+        fds = [os.dup(child.pidfd)] if req.want_pidfd else []
+        self.send(P.Spawned(id=req.id, pid=pid, pidfd=bool(fds)), fds)
+        server.poke()
+
+    def _start(self, req: P.Spawn) -> int:
+        """Policy, then the one call that creates a process."""
+        assert self.peer is not None
+        path_env = next((e[5:] for e in req.env if e.startswith(b"PATH=")), None)
+        name = req.executable if req.executable is not None else req.argv[0]
+        executable = spawner.resolve_executable(name, path_env, req.cwd)
+        grant: Grant = self.server.policy.decide(self.peer, req, executable)
+        spec = spawner.SpawnSpec(
+            executable=grant.executable, argv=grant.argv, env=grant.env,
+            fd_map=tuple(zip(req.fds_received, req.fds, strict=True)), cwd=req.cwd,
+            setsid=req.start_new_session, pgroup=req.process_group, umask=grant.umask)
+        if grant.needs_trampoline:
+            raise spawner.SpawnError(errno.ENOTSUP, P.STAGE_CREDENTIALS,
+                                     filename=grant.executable)
+        return spawner.spawn(spec)
+
+    def _child_exited(self, child: Child) -> None:
+        assert child.returncode is not None
+        self.send(P.Exit(id=child.request_id, pid=child.pid, returncode=child.returncode))
+        self.server.poke()
+
+    def _signal(self, req: P.Signal) -> None:
+        child = self.server.children.get(req.pid)
+        if not 0 <= req.signal < signal.NSIG:
+            self.send(P.Error(id=req.id, errno=errno.EINVAL, name="EINVAL", field="signal",
+                              stage=P.STAGE_PROTOCOL, message=f"no signal {req.signal}"))
+        elif child is None:
+            self.send(P.Error(id=req.id, errno=errno.ESRCH, name="ESRCH", stage=P.STAGE_POLICY,
+                              field="pid", message=f"no live child {req.pid}"))
+        elif child.owner is not self:
+            self.send(P.Error(id=req.id, errno=errno.EPERM, name="EPERM", stage=P.STAGE_POLICY,
+                              field="pid", message=f"child {req.pid} belongs to another client"))
+        else:
+            try:
+                self.server.children.signal(child, req.signal)
+            except OSError as e:
+                self.send(P.error_for(e, req.id, P.STAGE_POLICY))
+                return
+            self.send(P.Ok(id=req.id))

@@ -1,0 +1,317 @@
+"""The only place in spawnd that creates processes: glibc ``posix_spawn`` via ctypes.
+
+Why not ``os.posix_spawn``: it has no chdir and no closefrom action. Why not fork or
+subprocess: the daemon must stay cheap and deterministic. glibc (>= 2.24) spawns with
+``clone(CLONE_VM | CLONE_VFORK)``, so every failure up to and including ``execve`` comes
+back synchronously as the return value, and glibc reaps the failed child itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import signal
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "STAGE_CWD",
+    "STAGE_EXEC",
+    "STAGE_FDS",
+    "SpawnError",
+    "SpawnSpec",
+    "resolve_executable",
+    "spawn",
+]
+
+STAGE_FDS = "fds"
+STAGE_CWD = "cwd"
+STAGE_EXEC = "exec"
+
+#: Highest fd number a client may ask for; RLIMIT_NOFILE usually bounds it far lower.
+MAX_TARGET_FD = 1_000_000
+
+# <spawn.h> flag values (glibc). SETSID is a glibc extension (2.26).
+_SETPGROUP = 0x02
+_SETSIGDEF = 0x04
+_SETSIGMASK = 0x08
+_SETSID = 0x80
+
+# Opaque glibc types, sized generously: on x86_64 posix_spawnattr_t is 336 bytes,
+# posix_spawn_file_actions_t 80 and sigset_t 128.
+_ATTR_SIZE = 1024
+_ACTIONS_SIZE = 1024
+_SIGSET_SIZE = 256
+
+_DEVNULL = b"/dev/null"
+
+
+# --- ctypes bindings, resolved once ----------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_vp = ctypes.c_void_p
+_int = ctypes.c_int
+_argvp = ctypes.POINTER(ctypes.c_char_p)
+
+
+def _bind(name: str, *argtypes: type) -> ctypes._CFuncPtr:
+    func = getattr(_libc, name)
+    func.argtypes = argtypes
+    func.restype = _int
+    return func
+
+
+_posix_spawn = _bind("posix_spawn", ctypes.POINTER(_int), ctypes.c_char_p, _vp, _vp, _argvp, _argvp)
+_fa_init = _bind("posix_spawn_file_actions_init", _vp)
+_fa_destroy = _bind("posix_spawn_file_actions_destroy", _vp)
+_fa_dup2 = _bind("posix_spawn_file_actions_adddup2", _vp, _int, _int)
+_fa_close = _bind("posix_spawn_file_actions_addclose", _vp, _int)
+_fa_open = _bind(
+    "posix_spawn_file_actions_addopen", _vp, _int, ctypes.c_char_p, _int, ctypes.c_uint
+)
+_fa_chdir = _bind("posix_spawn_file_actions_addchdir_np", _vp, ctypes.c_char_p)
+_fa_closefrom = _bind("posix_spawn_file_actions_addclosefrom_np", _vp, _int)
+_attr_init = _bind("posix_spawnattr_init", _vp)
+_attr_destroy = _bind("posix_spawnattr_destroy", _vp)
+_attr_setflags = _bind("posix_spawnattr_setflags", _vp, ctypes.c_short)
+_attr_setsigdefault = _bind("posix_spawnattr_setsigdefault", _vp, _vp)
+_attr_setsigmask = _bind("posix_spawnattr_setsigmask", _vp, _vp)
+_attr_setpgroup = _bind("posix_spawnattr_setpgroup", _vp, _int)
+
+
+def _sigset_of_all_signals() -> ctypes.Array:
+    """Every signal 1..NSIG-1, including glibc's internal 32 and 33.
+
+    Not sigfillset: it leaves out the internal signals, and for signals outside the
+    sigdefault set glibc's spawn child sets the internal ones to SIG_IGN, which
+    survives exec (os.posix_spawn children show SigIgn 0x180000000).
+    """
+    buf = ctypes.create_string_buffer(_SIGSET_SIZE)  # zeroed: also the empty mask
+    word_bits = 8 * ctypes.sizeof(ctypes.c_ulong)
+    words = (ctypes.c_ulong * (_SIGSET_SIZE * 8 // word_bits)).from_buffer(buf)
+    for sig in range(1, signal.NSIG):
+        words[(sig - 1) // word_bits] |= 1 << ((sig - 1) % word_bits)
+    return buf
+
+
+# Built once: every signal back to SIG_DFL (Python ignores SIGPIPE and SIGXFSZ, and an
+# ignore survives exec), and an empty mask (all zero bytes, as sigemptyset makes it).
+_ALL_SIGNALS = _sigset_of_all_signals()
+_NO_SIGNALS = ctypes.create_string_buffer(_SIGSET_SIZE)
+
+
+# --- public API ------------------------------------------------------------------------
+
+
+class SpawnError(OSError):
+    """A spawn that failed before the child ran: errno plus the stage that failed.
+
+    posix_spawn reports only an errno; ``stage`` tells the client whether its fds,
+    its cwd or the executable was at fault (subprocess makes the same split).
+    """
+
+    stage: str
+
+    def __init__(self, errno_value: int, stage: str, filename: bytes | str | None = None):
+        super().__init__(errno_value, os.strerror(errno_value), filename)
+        self.stage = stage
+
+    def __str__(self) -> str:
+        text = f"[Errno {self.errno}] {self.strerror}"
+        if self.filename is not None:
+            name = self.filename
+            text += f": {os.fsdecode(name)!r}" if isinstance(name, bytes) else f": {name!r}"
+        return f"{text} (stage: {self.stage})"
+
+    def __reduce__(self) -> tuple[type, tuple[int, str, bytes | str | None]]:
+        # OSError's own reduce would pass (errno, strerror, filename) to our __init__.
+        return (type(self), (self.errno, self.stage, self.filename))
+
+
+@dataclass(frozen=True, slots=True)
+class SpawnSpec:
+    """Everything needed to start one child; validated by the caller except the fds."""
+
+    executable: bytes
+    argv: Sequence[bytes]
+    env: Sequence[bytes]
+    fd_map: Sequence[tuple[int, int]] = ()
+    cwd: bytes | None = None
+    setsid: bool = False
+    pgroup: int | None = None
+    umask: int | None = None
+    exec_fd: int | None = None
+
+
+def spawn(spec: SpawnSpec) -> int:
+    """Start the child described by ``spec``; return its pid or raise SpawnError.
+
+    No child exists after a SpawnError: glibc reaps a child whose exec failed.
+    """
+    targets = _check_fd_map(spec.fd_map)
+    top = max(2, max(targets, default=2))
+    flags = _SETSIGDEF | _SETSIGMASK
+    pgroup = spec.pgroup
+    if spec.setsid:
+        flags |= _SETSID
+        if pgroup:
+            # A session leader cannot join another group: setpgid would fail EPERM.
+            raise SpawnError(errno.EPERM, STAGE_EXEC, spec.executable)
+        pgroup = None  # setsid already made the child leader of a new group
+    if pgroup is not None:
+        flags |= _SETPGROUP
+    path = spec.executable
+    if spec.exec_fd is not None:
+        try:
+            fcntl.fcntl(spec.exec_fd, fcntl.F_GETFD)
+        except OSError as exc:
+            raise SpawnError(exc.errno, STAGE_FDS, spec.executable) from None
+        # The daemon's pid, not "self": the child's copy of the fd is closed by our
+        # closefrom action (and by exec), yet a #! interpreter opens this path later.
+        path = b"/proc/%d/fd/%d" % (os.getpid(), spec.exec_fd)
+
+    argv = (ctypes.c_char_p * (len(spec.argv) + 1))(*spec.argv)
+    envp = (ctypes.c_char_p * (len(spec.env) + 1))(*spec.env)
+    actions = ctypes.create_string_buffer(_ACTIONS_SIZE)
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    pid = _int()
+    moved = _move_sources(targets, top)
+    _fa_init(actions)  # both inits are a memset in glibc: they cannot fail
+    _attr_init(attr)
+    old_umask: int | None = None
+    try:
+        _add_fd_actions(actions, targets, moved, top)
+        if spec.cwd is not None:
+            _ok(_fa_chdir(actions, spec.cwd), STAGE_CWD, spec.cwd)
+        _ok(_attr_setflags(attr, flags), STAGE_EXEC)
+        _ok(_attr_setsigdefault(attr, _ALL_SIGNALS), STAGE_EXEC)
+        _ok(_attr_setsigmask(attr, _NO_SIGNALS), STAGE_EXEC)
+        if pgroup is not None:
+            _ok(_attr_setpgroup(attr, pgroup), STAGE_EXEC)
+        if spec.umask is not None:
+            old_umask = os.umask(spec.umask)  # the child inherits it; single-threaded
+        err = _posix_spawn(ctypes.byref(pid), path, actions, attr, argv, envp)
+    finally:
+        if old_umask is not None:
+            os.umask(old_umask)
+        _attr_destroy(attr)
+        _fa_destroy(actions)
+        for fd in moved.values():
+            os.close(fd)
+    if err:
+        raise _classify(err, spec)
+    return pid.value
+
+
+def resolve_executable(name: bytes, path_env: bytes | None, cwd: bytes | None) -> bytes:
+    """Search PATH like os.execvpe/subprocess, but in the daemon, before spawning.
+
+    Names containing b"/" are returned unchanged. Otherwise the first executable
+    regular file along ``path_env`` (default os.defpath) wins. The result may be
+    relative; like execve in the child it is then relative to ``cwd``, which is
+    also where this check looks. Like execvpe, a candidate that exists but cannot
+    be executed makes the final error EACCES instead of ENOENT.
+    """
+    if b"/" in name:
+        return name
+    if not name:
+        raise SpawnError(errno.ENOENT, STAGE_EXEC, name)
+    dirs = (os.fsencode(os.defpath) if path_env is None else path_env).split(b":")
+    saved: int | None = None
+    for directory in dirs:
+        candidate = os.path.join(directory, name)
+        where = candidate if cwd is None else os.path.join(cwd, candidate)
+        try:
+            st = os.stat(where)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR) and saved is None:
+                saved = exc.errno
+            continue
+        if stat.S_ISREG(st.st_mode) and os.access(where, os.X_OK):
+            return candidate
+        if saved is None:
+            saved = errno.EACCES
+    raise SpawnError(saved if saved is not None else errno.ENOENT, STAGE_EXEC, name)
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def _ok(err: int, stage: str, filename: bytes | None = None) -> None:
+    if err:
+        raise SpawnError(err, stage, filename)
+
+
+def _check_fd_map(fd_map: Sequence[tuple[int, int]]) -> dict[int, int]:
+    """Return {target: source}; reject what would only fail later inside the child."""
+    targets: dict[int, int] = {}
+    for source, target in fd_map:
+        if source < 0 or target < 0 or target > MAX_TARGET_FD:
+            raise SpawnError(errno.EBADF, STAGE_FDS)
+        if target in targets:
+            raise SpawnError(errno.EINVAL, STAGE_FDS)  # two files for one fd number
+        targets[target] = source
+    return targets
+
+
+def _move_sources(targets: dict[int, int], top: int) -> dict[int, int]:
+    """Dup each source whose number is also a target to a fresh fd above top.
+
+    Then no dup2 action can clobber a source that a later dup2 still reads, so swaps
+    and cycles just work, and a source never equals its target (a real dup2 always
+    clears CLOEXEC). Other sources are only checked for being open: dup2 writes only
+    target numbers, and the /dev/null opens and closes run after all dup2s.
+    Returns {source: temporary fd}; the caller closes them.
+    """
+    moved: dict[int, int] = {}
+    try:
+        for source in set(targets.values()):
+            if source in targets:
+                moved[source] = fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, top + 1)
+            else:
+                fcntl.fcntl(source, fcntl.F_GETFD)
+    except OSError as exc:
+        for fd in moved.values():
+            os.close(fd)
+        # EINVAL here means top + 1 >= RLIMIT_NOFILE: a target glibc would call EBADF.
+        code = errno.EBADF if exc.errno == errno.EINVAL else exc.errno
+        raise SpawnError(code, STAGE_FDS) from None
+    return moved
+
+
+def _add_fd_actions(
+    actions: ctypes.Array, targets: dict[int, int], moved: dict[int, int], top: int
+) -> None:
+    """Make the child's fd table exactly {0, 1, 2} | targets."""
+    for target, source in targets.items():
+        _ok(_fa_dup2(actions, moved.get(source, source), target), STAGE_FDS)
+    for fd in (0, 1, 2):
+        if fd not in targets:  # never leak the daemon's own stdio
+            _ok(_fa_open(actions, fd, _DEVNULL, os.O_RDWR, 0), STAGE_FDS)
+    for fd in range(3, top):
+        if fd not in targets:
+            _ok(_fa_close(actions, fd), STAGE_FDS)
+    err = _fa_closefrom(actions, top + 1)
+    # EBADF: top + 1 is at RLIMIT_NOFILE, so the child cannot hold anything above it.
+    if err and err != errno.EBADF:
+        raise SpawnError(err, STAGE_FDS)
+
+
+def _classify(err: int, spec: SpawnSpec) -> SpawnError:
+    """Name the failed stage: posix_spawn returns only an errno, so re-check the cwd."""
+    if err in (errno.EBADF, errno.EMFILE):
+        return SpawnError(err, STAGE_FDS)
+    if spec.cwd is not None and not _usable_dir(spec.cwd):
+        return SpawnError(err, STAGE_CWD, spec.cwd)
+    return SpawnError(err, STAGE_EXEC, spec.executable)
+
+
+def _usable_dir(path: bytes) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and os.access(path, os.X_OK)
