@@ -238,6 +238,17 @@ def _text(v: Any, name: str, rid: int | None) -> bytes:
     return v
 
 
+def _texts(items: list[Any], name: str, rid: int | None) -> tuple[bytes, ...]:
+    """Validate a list of strings; the fast path does one pass, the slow one names the culprit."""
+    if all(type(v) is bytes for v in items):
+        out = tuple(items)
+    else:
+        out = tuple(v.encode("utf-8", "surrogateescape") if type(v) is str else v for v in items)
+    if all(type(v) is bytes for v in out) and b"\0" not in b"".join(out):
+        return out
+    return tuple(_text(v, f"{name}[{i}]", rid) for i, v in enumerate(items))
+
+
 def _opt_int(m: Mapping[str, Any], key: str, rid: int | None, lo: int = 0,
              hi: int = 2**32 - 1) -> int | None:
     v = m.get(key)
@@ -263,17 +274,18 @@ def _parse_spawn(m: Mapping[str, Any], rid: int, fds: tuple[int, ...]) -> Spawn:
     argv_raw = m.get("argv")
     _want(isinstance(argv_raw, list), "must be an array of strings", "argv", rid)
     _want(len(argv_raw) > 0, "must not be empty (argv[0] is the program name)", "argv", rid)
-    argv = tuple(_text(a, f"argv[{i}]", rid) for i, a in enumerate(argv_raw))
-    env: list[bytes] = []
-    seen: set[bytes] = set()
-    for i, e in enumerate(_list(m, "env", rid)):
-        b = _text(e, f"env[{i}]", rid)
-        key, eq, _ = b.partition(b"=")
-        _want(bool(eq) and bool(key), "must be KEY=VALUE with a non-empty KEY", f"env[{i}]", rid)
-        _want(key not in seen, f"duplicate variable {key.decode('utf-8', 'replace')!r}",
-              f"env[{i}]", rid)
-        seen.add(key)
-        env.append(b)
+    argv = _texts(argv_raw, "argv", rid)
+    env = _texts(_list(m, "env", rid), "env", rid)
+    keys = {e.partition(b"=")[0] for e in env}
+    if len(keys) != len(env) or b"" in keys or not all(b"=" in e for e in env):
+        seen: set[bytes] = set()
+        for i, b in enumerate(env):
+            key, eq, _ = b.partition(b"=")
+            _want(bool(eq) and bool(key), "must be KEY=VALUE with a non-empty KEY",
+                  f"env[{i}]", rid)
+            _want(key not in seen, f"duplicate variable {key.decode('utf-8', 'replace')!r}",
+                  f"env[{i}]", rid)
+            seen.add(key)
     targets = _list(m, "fds", rid)
     _want(len(targets) <= MAX_FDS, f"at most {MAX_FDS} fds", "fds", rid)
     for i, t in enumerate(targets):

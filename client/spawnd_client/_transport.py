@@ -1,9 +1,11 @@
 """One blocking connection to the daemon, shared safely by many threads.
 
-Requests carry ids; a single reader thread routes replies to the thread that waits for
-them and exit events to the child they belong to. Sends are serialised by a lock so a
-frame and its fds always travel in one ``sendmsg``. The reader is a thread (not a process):
-the client never creates a process of its own.
+Requests carry ids. There is no reader thread: whichever waiting thread finds nobody
+reading becomes the reader (leader/follower), routes what arrives (replies to their
+requests, exit events to their children) and wakes the others. A reply thus reaches the
+thread that wants it without a thread hand-off in the common case, which is most of a
+spawn's round trip on a busy machine. Sends are serialised by a lock so a frame and its
+fds always travel in one ``sendmsg``. The client never creates a process of its own.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import array
 import errno
 import itertools
 import os
+import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,10 +30,10 @@ FD_SPACE = socket.CMSG_SPACE(8 * 4)  # the daemon sends at most one pidfd per me
 
 
 class _Waiter:
-    __slots__ = ("event", "reply", "on_spawned")
+    __slots__ = ("done", "reply", "on_spawned")
 
     def __init__(self, on_spawned: Callable[[P.Spawned], Any] | None) -> None:
-        self.event = threading.Event()
+        self.done = False
         self.reply: Any = None
         self.on_spawned = on_spawned
 
@@ -52,17 +56,16 @@ class Transport:
         self.proto = P.Connection("client")
         self._send_lock = threading.Lock()
         self._ids = itertools.count(1)
+        # _cond guards everything below; a thread holds it except while blocked reading.
+        self._cond = threading.Condition(threading.Lock())
+        self._reading = False
         self._waiters: dict[int, _Waiter] = {}
-        self._lock = threading.Lock()  # guards _waiters and broken
         self.broken: BaseException | None = None
         self.daemon_pid: int | None = None
-        self.exit_handlers: dict[int, Callable[[P.Exit], None]] = {}
-        self._hello = threading.Event()
+        self.exit_handlers: dict[int, Callable[[P.Exit | BaseException], None]] = {}
         self._send_raw(P.Hello(agent="spawnd_client"), [])
-        self._reader = threading.Thread(target=self._read_loop, name="spawnd-client-reader",
-                                        daemon=True)
-        self._reader.start()
-        if not self._hello.wait(timeout) or self.broken is not None:
+        if not self.wait_for(lambda: self.daemon_pid is not None or self.broken is not None,
+                             timeout) or self.broken is not None:
             self.close()
             raise DaemonUnavailable(errno.ETIMEDOUT if self.broken is None else errno.EPROTO,
                                     f"spawnd at {path} did not complete the handshake: "
@@ -85,24 +88,24 @@ class Transport:
                 timeout: float | None = None) -> Any:
         """Send ``event`` and block until its reply; raise the reply's error as an exception.
 
-        ``on_spawned`` runs in the reader thread before any later event is read, so a
+        ``on_spawned`` runs while the reply is routed, before any later event is read, so a
         child's exit handler is in place before its exit event can arrive.
         """
         rid: int = event.id  # type: ignore[attr-defined]
         w = _Waiter(on_spawned)
-        with self._lock:
+        with self._cond:
             if self.broken is not None:
                 raise DaemonConnectionError(f"connection to spawnd lost: {self.broken}")
             self._waiters[rid] = w
         try:
             self._send_raw(event, fds or [])
         except OSError as e:
-            with self._lock:
+            with self._cond:
                 self._waiters.pop(rid, None)
-            self._fail(e)
+                self._fail(e)
             raise DaemonConnectionError(f"connection to spawnd lost: {e}") from e
-        if not w.event.wait(timeout):
-            with self._lock:
+        if not self.wait_for(lambda: w.done, timeout):
+            with self._cond:
                 self._waiters.pop(rid, None)
             raise TimeoutError(f"spawnd did not answer request {rid} within {timeout}s")
         if isinstance(w.reply, BaseException):
@@ -112,29 +115,70 @@ class Transport:
         return w.reply
 
     # -- receiving
-    def _read_loop(self) -> None:
+    def wait_for(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Block until ``done()`` (checked under the lock), reading the socket if nobody is.
+
+        Returns False on timeout. ``timeout=0`` drains what has already arrived.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not done():
+                remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
+                if self.broken is not None and not self._reading:
+                    return done()
+                if not self._reading:
+                    self._reading = True
+                    try:
+                        self._read_once(remaining)
+                    finally:
+                        self._reading = False
+                        self._cond.notify_all()
+                elif remaining == 0:
+                    return done()
+                else:
+                    self._cond.wait(remaining)
+                if deadline is not None and time.monotonic() >= deadline:
+                    return done()
+            return True
+
+    def _read_once(self, timeout: float | None) -> None:
+        """Called with the lock held and ``_reading`` set; drops the lock while blocked."""
+        self._cond.release()
         try:
-            while True:
-                data, anc, flags, _ = self.sock.recvmsg(RECV_SIZE, FD_SPACE,
-                                                        socket.MSG_CMSG_CLOEXEC)
-                fds: list[int] = []
-                for level, kind, blob in anc:
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        a = array.array("i")
-                        a.frombytes(blob[: len(blob) - len(blob) % a.itemsize])
-                        fds.extend(a)
-                self.proto.receive_data(data, fds)
-                while (ev := self.proto.next_event()) is not None:
-                    self._route(ev)
-                if not data:
-                    raise DaemonConnectionError("spawnd closed the connection")
-        except BaseException as e:  # noqa: BLE001 - every failure ends this connection
+            if not select.select([self.sock], [], [], timeout)[0]:
+                return
+            data, anc, _, _ = self.sock.recvmsg(RECV_SIZE, FD_SPACE,
+                                                socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            error: OSError | None = e
+        else:
+            error = None
+        finally:
+            self._cond.acquire()
+        if error is not None:
+            self._fail(error)
+            return
+        fds: list[int] = []
+        for level, kind, blob in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                a = array.array("i")
+                a.frombytes(blob[: len(blob) - len(blob) % a.itemsize])
+                fds.extend(a)
+        try:
+            self.proto.receive_data(data, fds)
+            while (ev := self.proto.next_event()) is not None:
+                self._route(ev)
+        except P.ProtocolError as e:
             self._fail(e)
+            return
+        if not data:
+            self._fail(DaemonConnectionError("spawnd closed the connection"))
 
     def _route(self, ev: P.Event) -> None:
         if isinstance(ev, P.Hello):
             self.daemon_pid = ev.pid
-            self._hello.set()
             return
         if isinstance(ev, P.Exit):
             handler = self.exit_handlers.pop(ev.id, None)
@@ -146,8 +190,7 @@ class Transport:
             if isinstance(ev, P.Error):
                 self.broken = error_to_exception(ev)
             return
-        with self._lock:
-            w = self._waiters.pop(rid, None)
+        w = self._waiters.pop(rid, None)
         if w is None:
             for fd in getattr(ev, "fds_received", ()):
                 os.close(fd)
@@ -159,33 +202,31 @@ class Transport:
                 w.reply = e
         else:
             w.reply = ev
-        w.event.set()
+        w.done = True
 
     def _fail(self, exc: BaseException) -> None:
-        """The connection is gone: wake every waiter and every child with the reason."""
-        with self._lock:
-            if self.broken is None:
-                self.broken = exc
-            waiters = list(self._waiters.values())
-            self._waiters.clear()
-            handlers = list(self.exit_handlers.values())
-            self.exit_handlers.clear()
+        """Called with the lock held: the connection is gone; fail every waiter and child."""
+        if self.broken is None:
+            self.broken = exc
         reason = DaemonConnectionError(f"connection to spawnd lost: {self.broken}")
-        for w in waiters:
+        for w in self._waiters.values():
             w.reply = reason
-            w.event.set()
+            w.done = True
+        self._waiters.clear()
+        handlers = list(self.exit_handlers.values())
+        self.exit_handlers.clear()
         for h in handlers:
-            h(reason)  # type: ignore[arg-type]
-        self._hello.set()
+            h(reason)
+        self._cond.notify_all()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
     def close(self) -> None:
-        self._fail(DaemonConnectionError("client closed the connection"))
-        if threading.current_thread() is not self._reader:
-            self._reader.join(timeout=5)
+        with self._cond:
+            self._fail(DaemonConnectionError("client closed the connection"))
+            fds = self.proto.take_unclaimed_fds()
         self.sock.close()
-        for fd in self.proto.take_unclaimed_fds():
+        for fd in fds:
             os.close(fd)

@@ -67,18 +67,19 @@ class Child:
         self.args = args
         self.returncode: int | None = None
         self.lost: BaseException | None = None
-        self._done = threading.Event()
+        self._done = False
 
     def _on_exit(self, ev: P.Exit | BaseException) -> None:
+        """Runs in whichever thread routes the event, with the transport's lock held."""
         if isinstance(ev, BaseException):
             self.lost = ev
         else:
             self.returncode = ev.returncode
-        self._done.set()
+        self._done = True
 
     def wait(self, timeout: float | None = None) -> int | None:
         """The exit status, or None on timeout. Raises if the daemon connection died."""
-        if not self._done.wait(timeout):
+        if not self._done and not self.transport.wait_for(lambda: self._done, timeout):
             return None
         if self.returncode is None:
             assert self.lost is not None
@@ -90,7 +91,7 @@ class Child:
 
     def send_signal(self, sig: int) -> None:
         """Ask the daemon (it signals through its pidfd: never a recycled pid)."""
-        if self._done.is_set():
+        if self._done:
             return
         try:
             self.transport.request(P.Signal(id=self.transport.next_id(), pid=self.pid,
