@@ -64,12 +64,12 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         policy = Policy.load(args.config) if args.config else Policy.default(os.getuid())
     except PolicyFileError as e:
-        print(f"spawnd: {e}", file=sys.stderr)
+        log.error("%s", e)  # through the logger: <3> under journald, one line
         return 2
     try:
         activated = listen_sockets(os.environ)
     except ActivationError as e:
-        print(f"spawnd: {e}", file=sys.stderr)
+        log.error("%s", e)  # through the logger: <3> under journald, one line
         return 2
     if activated:
         listeners = [s for _, s in activated]

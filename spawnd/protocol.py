@@ -31,6 +31,8 @@ MAX_MAP = 64  # a message has a handful of fields; rlimits has < 20 keys
 MAX_FDS = 253  # SCM_MAX_FD is 253 per sendmsg on Linux; one spawn's fds travel in one sendmsg
 MAX_PENDING_FDS = 1024  # fds received but not yet claimed by a complete frame
 MAX_FD_TARGET = 1 << 20  # a child's fd numbers; fs.nr_open's default ceiling
+MAX_CONTAINERS = 64  # arrays + maps in one message; a spawn has < 30 (rlimits has the most)
+MAX_ITEMS = 2 * MAX_ARRAY + 65536  # entries of all of them: argv, env, then extra_groups
 
 HEADER = struct.Struct(">I")
 
@@ -283,7 +285,7 @@ def _parse_spawn(m: Mapping[str, Any], rid: int, fds: tuple[int, ...]) -> Spawn:
             key, eq, _ = b.partition(b"=")
             _want(bool(eq) and bool(key), "must be KEY=VALUE with a non-empty KEY",
                   f"env[{i}]", rid)
-            _want(key not in seen, f"duplicate variable {key.decode('utf-8', 'replace')!r}",
+            _want(key not in seen, f"duplicate variable {_short(key.decode('utf-8', 'replace'))}",
                   f"env[{i}]", rid)
             seen.add(key)
     targets = _list(m, "fds", rid)
@@ -349,8 +351,8 @@ def _parse(m: Any, fds: tuple[int, ...], allowed: Mapping[str, type[Event]]) -> 
     if not isinstance(m, dict):
         raise ProtocolError("a message must be a map", fatal=True)
     t = m.get("t")
-    if t not in allowed:
-        raise ProtocolError(f"unknown message type {t!r}", field="t", request_id=_rid(m))
+    if not isinstance(t, str) or t not in allowed:  # (an unhashable t must not raise TypeError)
+        raise ProtocolError(f"unknown message type {_short(t)}", field="t", request_id=_rid(m))
     cls = allowed[t]
     rid = _rid(m)
     if cls is not Hello and cls is not Error:
@@ -472,18 +474,22 @@ class Connection:
             self._consumed += end
             fds = self._claim_fds(start, self._consumed)
             try:
-                msg = self._unpack(body)
+                msg, dup = self._unpack(body)
             except ProtocolError as e:
                 self._fds.extendleft((start, fd) for fd in reversed(fds))
                 self._die(e)
             try:
+                if dup is not None and isinstance(msg, dict):  # msgpack itself keeps the last
+                    raise ProtocolError(f"duplicate map key {_short(dup)}", request_id=_rid(msg),
+                                        field=dup if isinstance(dup, str) else None)
                 ev = _parse(msg, fds, self._allowed)
             except ProtocolError as e:
-                # The frame is consumed; its fds are the caller's to close.
-                e.fds = fds  # type: ignore[attr-defined]
-                if e.fatal:
+                if e.fatal:  # the fds go back to the queue: take_unclaimed_fds hands them out
                     self._fds.extendleft((start, fd) for fd in reversed(fds))
                     self._die(e)
+                # The frame is consumed; its fds are the caller's to close (and only theirs:
+                # never both here and in take_unclaimed_fds, or they would be closed twice).
+                e.fds = fds  # type: ignore[attr-defined]
                 raise
             if self.their_hello is None:
                 if not isinstance(ev, Hello):
@@ -508,21 +514,34 @@ class Connection:
         return tuple(got)
 
     @staticmethod
-    def _unpack(body: bytes) -> Any:
+    def _unpack(body: bytes) -> tuple[Any, Any]:
+        """The message, and the first duplicated map key in it (or None)."""
+        budget = _Budget()
         try:
-            return msgpack.unpackb(
+            msg = msgpack.unpackb(
                 body, raw=False, strict_map_key=True, use_list=True,
                 max_str_len=MAX_STR, max_bin_len=MAX_STR, max_array_len=MAX_ARRAY,
                 max_map_len=MAX_MAP, max_ext_len=0,
-                ext_hook=_refuse_ext,
+                ext_hook=_refuse_ext, list_hook=budget.list_hook,
+                object_pairs_hook=budget.pairs_hook,
             )
         except ProtocolError:
             raise
-        except (ValueError, msgpack.ExtraData, msgpack.StackError, TypeError) as e:
+        except msgpack.StackError:
+            raise ProtocolError("undecodable message: nested deeper than msgpack's limit "
+                                "(StackError)", fatal=True) from None
+        except msgpack.ExtraData:
+            raise ProtocolError("undecodable message: bytes left after the msgpack object "
+                                "(ExtraData)", fatal=True) from None
+        except UnicodeDecodeError as e:
+            raise ProtocolError(f"undecodable message: a str is not valid UTF-8 ({e.reason} at "
+                                f"byte {e.start}); send raw bytes as bin", fatal=True) from None
+        except (ValueError, TypeError) as e:
             kind = type(e).__name__
             raise ProtocolError(f"undecodable message ({kind}: {e})", fatal=True) from None
         except Exception as e:  # msgpack raises a few odd types on hostile input
             raise ProtocolError(f"undecodable message ({type(e).__name__})", fatal=True) from None
+        return msg, budget.duplicate
 
     def _die(self, e: ProtocolError) -> None:
         e.fatal = True
@@ -545,3 +564,49 @@ class Connection:
 
 def _refuse_ext(code: int, data: bytes) -> Any:
     raise ProtocolError("msgpack ext types are not allowed", fatal=True)
+
+
+def _short(v: Any, limit: int = 80) -> str:
+    """repr for error messages: a peer's 1 MiB string must not become a 1 MiB log line."""
+    r = repr(v)
+    return r if len(r) <= limit else r[:limit] + f"...({len(r)} chars)"
+
+
+class _Budget:
+    """msgpack hooks bounding what one frame may build, and spotting duplicate map keys.
+
+    A 4 MiB frame of empty maps or tiny strings would otherwise become hundreds of MiB of
+    Python objects. Each hook runs as its container completes, so at most one container
+    beyond the budget is ever built.
+    """
+
+    __slots__ = ("containers", "items", "duplicate")
+
+    def __init__(self) -> None:
+        self.containers = 0
+        self.items = 0
+        self.duplicate: Any = None
+
+    def _spend(self, n: int) -> None:
+        self.containers += 1
+        self.items += n
+        if self.containers > MAX_CONTAINERS or self.items > MAX_ITEMS:
+            raise ProtocolError(f"message too complex: more than {MAX_CONTAINERS} arrays and "
+                                f"maps or {MAX_ITEMS} entries in all", errno=_errno.EMSGSIZE,
+                                fatal=True)
+
+    def list_hook(self, items: list[Any]) -> list[Any]:
+        self._spend(len(items))
+        return items
+
+    def pairs_hook(self, pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+        self._spend(len(pairs))
+        d = dict(pairs)
+        if len(d) != len(pairs) and self.duplicate is None:
+            seen = set()
+            for k, _ in pairs:
+                if k in seen:
+                    self.duplicate = k
+                    break
+                seen.add(k)
+        return d

@@ -19,14 +19,14 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import trio
 
 from . import protocol as P
-from . import spawner
+from . import privileged, spawner
 from .activation import Notifier
 from .children import Child, ChildTable
 from .policy import Grant, Peer, Policy, Refused
@@ -94,6 +94,7 @@ class Server:
         self.lifeline = lifeline
         self.connections: set[ConnectionHandler] = set()
         self.rate = RateLimiter()
+        self.starting: dict[int, int] = {}  # per uid: spawns between the limit check and add
         self.children: ChildTable
         self._stopping = trio.Event()
         self._activity = trio.Event()
@@ -114,7 +115,9 @@ class Server:
                     for sock in self.listeners:
                         helpers.start_soon(self._accept_loop, trio.socket.from_stdlib_socket(sock),
                                            conns)
-                    helpers.start_soon(self._signals)
+                    # Handlers in place before READY=1: `systemctl reload` right after start
+                    # must not kill us with SIGHUP's default action.
+                    await helpers.start(self._signals)
                     if self.notifier.watchdog_interval:
                         helpers.start_soon(self._watchdog)
                     if self.notifier.enabled:
@@ -158,8 +161,10 @@ class Server:
                 raise
             conns.start_soon(ConnectionHandler(self, sock).run)
 
-    async def _signals(self) -> None:
+    async def _signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                       ) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            task_status.started()
             async for sig in sigs:
                 if sig == signal.SIGHUP:
                     self.reload()
@@ -223,7 +228,18 @@ class Server:
                     self.stop()
                     return
             else:
-                await self._activity.wait()
+                await self._until_busy_changes()
+
+    async def _until_busy_changes(self) -> None:
+        """Until a connection opens/closes or the last child is reaped. The reap of an
+        orphaned child (on_disconnect="keep", client gone) pokes nobody: watch the table."""
+        async with trio.open_nursery() as n:
+            async def first(wait: Callable[[], Awaitable[object]]) -> None:
+                await wait()
+                n.cancel_scope.cancel()
+
+            n.start_soon(first, self._activity.wait)
+            n.start_soon(first, lambda: self.children.wait_until(lambda: not len(self.children)))
 
 
 class ConnectionHandler:
@@ -334,7 +350,7 @@ class ConnectionHandler:
                     data, fds = await self._recv()
                 self.proto.receive_data(data, fds)
                 while (ev := self.proto.next_event()) is not None:
-                    self._dispatch(ev)
+                    await self._dispatch(ev)
             except trio.TooSlowError:
                 what = "hello" if self.proto.their_hello is None else "the rest of a message"
                 self.send(P.Error(id=None, errno=errno.ETIMEDOUT, name="ETIMEDOUT",
@@ -358,10 +374,10 @@ class ConnectionHandler:
                 deadline = None
 
     # -- requests
-    def _dispatch(self, ev: P.Event) -> None:
+    async def _dispatch(self, ev: P.Event) -> None:
         if isinstance(ev, P.Spawn):
             try:
-                self._spawn(ev)
+                await self._spawn(ev)
             finally:
                 _close_all(ev.fds_received)
         elif isinstance(ev, P.Signal):
@@ -370,13 +386,14 @@ class ConnectionHandler:
             self.send(P.Pong(id=ev.id, pid=os.getpid(), children=len(self.server.children),
                              connections=len(self.server.connections)))
 
-    def _spawn(self, req: P.Spawn) -> None:
+    async def _spawn(self, req: P.Spawn) -> None:
         assert self.peer is not None
         server = self.server
         policy = server.policy
         try:
             limit = policy.max_children(self.peer)
-            if limit is not None and server.children.count_for(self.peer.uid) >= limit:
+            live = server.children.count_for(self.peer.uid) + server.starting.get(self.peer.uid, 0)
+            if limit is not None and live >= limit:
                 raise Refused(errno.EAGAIN, f"uid {self.peer.uid} already has {limit} live "
                               "children (policy max_children)", "argv")
             rate = policy.spawn_rate(self.peer)
@@ -388,8 +405,10 @@ class ConnectionHandler:
             self.send(P.Error(id=req.id, errno=e.errno, name=errno.errorcode.get(e.errno, ""),
                               stage=P.STAGE_LIMIT, message=e.message, field=e.field))
             return
+        uid = self.peer.uid
+        server.starting[uid] = server.starting.get(uid, 0) + 1  # privileged starts await
         try:
-            pid = self._start(req)
+            pid = await self._start(req)
         except Refused as e:
             log.info("policy refused spawn for uid %d: %s", self.peer.uid, e.message)
             self.send(P.Error(id=req.id, errno=e.errno, name=errno.errorcode.get(e.errno, ""),
@@ -398,6 +417,13 @@ class ConnectionHandler:
         except spawner.SpawnError as e:
             self.send(P.error_for(e, req.id, e.stage))
             return
+        except OSError as e:  # resolving or opening the executable
+            self.send(P.error_for(e, req.id, P.STAGE_EXEC))
+            return
+        finally:
+            server.starting[uid] -= 1
+            if not server.starting[uid]:
+                del server.starting[uid]
         try:
             child = server.children.add(pid, uid=self.peer.uid, request_id=req.id,
                                         on_disconnect=req.on_disconnect, grace=req.grace,
@@ -410,21 +436,31 @@ class ConnectionHandler:
         self.send(P.Spawned(id=req.id, pid=pid, pidfd=bool(fds)), fds)
         server.poke()
 
-    def _start(self, req: P.Spawn) -> int:
-        """Policy, then the one call that creates a process."""
+    async def _start(self, req: P.Spawn) -> int:
+        """Resolve and open the executable once, ask policy, then create the process.
+
+        The checked file is run by fd (``/proc/<daemon>/fd/N``), so a path swapped after
+        the check cannot be run in its place; ``#!`` scripts run by their checked real path
+        (the interpreter re-opens them by name; policy may forbid scripts).
+        """
         assert self.peer is not None
         path_env = next((e[5:] for e in req.env if e.startswith(b"PATH=")), None)
         name = req.executable if req.executable is not None else req.argv[0]
-        executable = spawner.resolve_executable(name, path_env, req.cwd)
-        grant: Grant = self.server.policy.decide(self.peer, req, executable)
-        spec = spawner.SpawnSpec(
-            executable=grant.executable, argv=grant.argv, env=grant.env,
-            fd_map=tuple(zip(req.fds_received, req.fds, strict=True)), cwd=req.cwd,
-            setsid=req.start_new_session, pgroup=req.process_group, umask=grant.umask)
-        if grant.needs_trampoline:
-            raise spawner.SpawnError(errno.ENOTSUP, P.STAGE_CREDENTIALS,
-                                     filename=grant.executable)
-        return spawner.spawn(spec)
+        resolved = spawner.resolve_executable(name, path_env, req.cwd)
+        exec_fd, is_script = privileged.open_executable(resolved, req.cwd)
+        try:
+            real = privileged.real_path(exec_fd)
+            grant: Grant = self.server.policy.decide(self.peer, req, real, is_script=is_script)
+            spec = spawner.SpawnSpec(
+                executable=real if is_script else resolved, argv=grant.argv, env=grant.env,
+                fd_map=tuple(zip(req.fds_received, req.fds, strict=True)), cwd=req.cwd,
+                setsid=req.start_new_session, pgroup=req.process_group, umask=grant.umask,
+                exec_fd=None if is_script else exec_fd)
+            if grant.needs_trampoline:
+                return await privileged.spawn_privileged(spec, grant)
+            return spawner.spawn(spec)
+        finally:
+            os.close(exec_fd)
 
     def _child_exited(self, child: Child) -> None:
         assert child.returncode is not None
