@@ -96,7 +96,13 @@ class ChildTable:
             self._forget(child)
         log.debug("child %d exited with %d", child.pid, child.returncode)
         if child.on_exit is not None:
-            child.on_exit(child)
+            try:
+                child.on_exit(child)
+            except Exception:  # one owner's bug must not end the root nursery (the daemon)
+                log.exception("delivering the exit of child %d failed", child.pid)
+                abort = getattr(child.owner, "abort", None)
+                if abort is not None:  # its client must not wait forever for a lost status
+                    abort()
 
     def _forget(self, child: Child) -> None:
         del self._by_pid[child.pid]

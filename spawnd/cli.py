@@ -84,7 +84,9 @@ def _serve(args: argparse.Namespace) -> int:
     server = Server(
         listeners, policy, notifier=notifier,
         options=Options(on_stop=args.on_stop, stop_grace=args.stop_grace,
-                        idle_exit=args.idle_exit),
+                        idle_exit=args.idle_exit, handshake_timeout=args.handshake_timeout,
+                        frame_timeout=args.frame_timeout,
+                        pool_max=args.pool_max),  # multiprocessing warm pools
         reload_policy=(lambda: Policy.load(args.config)) if args.config else None,
         lifeline=args.lifeline,
     )
@@ -170,6 +172,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="what stopping the daemon does to live children (default: terminate: "
                    "SIGTERM, then SIGKILL after --stop-grace)")
     s.add_argument("--stop-grace", type=float, default=5.0, metavar="SECONDS")
+    s.add_argument("--pool-max", type=int, default=8, metavar="N",
+                   help="most idle warm interpreters kept for multiprocessing, all "
+                   "users together (default: 8; 0: start every warm request cold)")
+    s.add_argument("--handshake-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="close a connection that has not said hello by then (default 5)")
+    s.add_argument("--frame-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="close a connection that leaves a message unfinished this long "
+                   "(default 10)")
     s.add_argument("--lifeline", type=int, metavar="FD", help=argparse.SUPPRESS)
     s.add_argument("--ready-fd", type=int, metavar="FD", help=argparse.SUPPRESS)
     s.set_defaults(func=_serve)

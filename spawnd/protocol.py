@@ -11,6 +11,7 @@ See ``docs/protocol.md`` for the message reference.
 
 from __future__ import annotations
 
+import copy
 import errno as _errno
 import struct
 from collections import deque
@@ -31,8 +32,13 @@ MAX_MAP = 64  # a message has a handful of fields; rlimits has < 20 keys
 MAX_FDS = 253  # SCM_MAX_FD is 253 per sendmsg on Linux; one spawn's fds travel in one sendmsg
 MAX_PENDING_FDS = 1024  # fds received but not yet claimed by a complete frame
 MAX_FD_TARGET = 1 << 20  # a child's fd numbers; fs.nr_open's default ceiling
+# Warm pools (multiprocessing, spawnd/pool.py): an idle interpreter costs ~10-20 MB, so a
+# request may ask for a few; the daemon caps the total again (``spawnd serve --pool-max``).
+MAX_WARM_SIZE = 16
+MAX_WARM_IDLE = 3600.0  # seconds an unused pool may live; longer is memory nobody uses
+DEFAULT_WARM_IDLE = 60.0
 MAX_CONTAINERS = 64  # arrays + maps in one message; a spawn has < 30 (rlimits has the most)
-MAX_ITEMS = 2 * MAX_ARRAY + 65536  # entries of all of them: argv, env, then extra_groups
+MAX_ITEMS = 2 * MAX_ARRAY + 65536 + 1024  # entries in all: argv, env, extra_groups, the rest
 
 HEADER = struct.Struct(">I")
 
@@ -118,6 +124,8 @@ class Spawn(Event):
     capabilities: tuple[str, ...] = ()
     rlimits: dict[str, tuple[int, int]] | None = None
     no_new_privs: bool = False
+    # Serve from a warm pool (multiprocessing): {"size": int, "idle_timeout": float}.
+    warm: dict[str, Any] | None = None
     # Only set by the receiving side: the fds that actually came with this frame.
     fds_received: tuple[int, ...] = ()
 
@@ -330,6 +338,18 @@ def _parse_spawn(m: Mapping[str, Any], rid: int, fds: tuple[int, ...]) -> Spawn:
     if pg is not None:
         _want(_is_int(pg) and 0 <= pg < 2**31, "must be a process group id (0: new group)",
               "process_group", rid)
+    warm = m.get("warm")
+    if warm is not None:  # warm pool request (multiprocessing): both keys optional
+        _want(isinstance(warm, dict) and set(warm) <= {"size", "idle_timeout"},
+              "must be a map with only size and idle_timeout", "warm", rid)
+        size = warm.get("size", 1)
+        _want(_is_int(size) and 0 <= size <= MAX_WARM_SIZE,
+              f"must be an integer in [0, {MAX_WARM_SIZE}]", "warm.size", rid)
+        idle = warm.get("idle_timeout", DEFAULT_WARM_IDLE)
+        _want(isinstance(idle, (int, float)) and not isinstance(idle, bool)
+              and 0 < idle <= MAX_WARM_IDLE, f"must be a number of seconds in (0, {MAX_WARM_IDLE:g}]",
+              "warm.idle_timeout", rid)
+        warm = {"size": size, "idle_timeout": float(idle)}
     return Spawn(
         id=rid, argv=argv, env=tuple(env),
         executable=None if executable is None else _text(executable, "executable", rid),
@@ -343,6 +363,7 @@ def _parse_spawn(m: Mapping[str, Any], rid: int, fds: tuple[int, ...]) -> Spawn:
         extra_groups=extra, umask=_opt_int(m, "umask", rid, hi=0o777),
         capabilities=tuple(caps), rlimits=rlimits,
         no_new_privs=_bool(m, "no_new_privs", rid, False),
+        warm=warm,
         fds_received=fds,
     )
 
@@ -435,7 +456,7 @@ class Connection:
         for fd in fds:
             self._fds.append((offset, fd))
         if self._dead is not None:
-            raise self._dead
+            raise copy.copy(self._dead)  # a fresh traceback each time
         if not data:
             self.eof = True
             return
@@ -451,7 +472,7 @@ class Connection:
         one request, and the caller may go on reading.
         """
         if self._dead is not None:
-            raise self._dead
+            raise copy.copy(self._dead)  # a fresh traceback each time
         while True:
             if len(self._buf) < HEADER.size:
                 if self.eof and (self._buf or self._fds):
@@ -516,14 +537,14 @@ class Connection:
     @staticmethod
     def _unpack(body: bytes) -> tuple[Any, Any]:
         """The message, and the first duplicated map key in it (or None)."""
-        budget = _Budget()
+        _precheck(body)
+        dups = _Duplicates()
         try:
             msg = msgpack.unpackb(
                 body, raw=False, strict_map_key=True, use_list=True,
                 max_str_len=MAX_STR, max_bin_len=MAX_STR, max_array_len=MAX_ARRAY,
                 max_map_len=MAX_MAP, max_ext_len=0,
-                ext_hook=_refuse_ext, list_hook=budget.list_hook,
-                object_pairs_hook=budget.pairs_hook,
+                ext_hook=_refuse_ext, object_pairs_hook=dups.hook,
             )
         except ProtocolError:
             raise
@@ -541,13 +562,18 @@ class Connection:
             raise ProtocolError(f"undecodable message ({kind}: {e})", fatal=True) from None
         except Exception as e:  # msgpack raises a few odd types on hostile input
             raise ProtocolError(f"undecodable message ({type(e).__name__})", fatal=True) from None
-        return msg, budget.duplicate
+        return msg, dups.key
 
     def _die(self, e: ProtocolError) -> None:
         e.fatal = True
-        self._dead = e
+        # Keep a copy: e's traceback will hold the frames' locals (the frame body, what msgpack
+        # had built) and self, a cycle that only the cyclic GC would free, maybe much later.
+        self._dead = copy.copy(e)
         self._buf.clear()
-        raise e
+        try:
+            raise e
+        finally:
+            del e  # else this frame (in e's traceback) and e would form a cycle
 
     def take_unclaimed_fds(self) -> list[int]:
         """Fds that arrived but belong to no event; the caller must close them."""
@@ -572,41 +598,91 @@ def _short(v: Any, limit: int = 80) -> str:
     return r if len(r) <= limit else r[:limit] + f"...({len(r)} chars)"
 
 
-class _Budget:
-    """msgpack hooks bounding what one frame may build, and spotting duplicate map keys.
+class _Duplicates:
+    """msgpack's object_pairs_hook: build the dict, remembering the first repeated key."""
 
-    A 4 MiB frame of empty maps or tiny strings would otherwise become hundreds of MiB of
-    Python objects. Each hook runs as its container completes, so at most one container
-    beyond the budget is ever built.
-    """
-
-    __slots__ = ("containers", "items", "duplicate")
+    __slots__ = ("key",)
 
     def __init__(self) -> None:
-        self.containers = 0
-        self.items = 0
-        self.duplicate: Any = None
+        self.key: Any = None
 
-    def _spend(self, n: int) -> None:
-        self.containers += 1
-        self.items += n
-        if self.containers > MAX_CONTAINERS or self.items > MAX_ITEMS:
-            raise ProtocolError(f"message too complex: more than {MAX_CONTAINERS} arrays and "
-                                f"maps or {MAX_ITEMS} entries in all", errno=_errno.EMSGSIZE,
-                                fatal=True)
-
-    def list_hook(self, items: list[Any]) -> list[Any]:
-        self._spend(len(items))
-        return items
-
-    def pairs_hook(self, pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
-        self._spend(len(pairs))
+    def hook(self, pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
         d = dict(pairs)
-        if len(d) != len(pairs) and self.duplicate is None:
+        if len(d) != len(pairs) and self.key is None:
             seen = set()
             for k, _ in pairs:
                 if k in seen:
-                    self.duplicate = k
+                    self.key = k
                     break
                 seen.add(k)
         return d
+
+
+# msgpack type bytes of a fixed size (nil, bools, ints, floats) and that size.
+_FIXED_SIZE = {b: 1 for b in (*range(0x00, 0x80), *range(0xE0, 0x100), 0xC0, 0xC2, 0xC3)}
+_FIXED_SIZE.update({0xCA: 5, 0xCB: 9, 0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9, 0xD0: 2, 0xD1: 3,
+                    0xD2: 5, 0xD3: 9})
+_U16 = struct.Struct(">H").unpack_from
+_U32 = struct.Struct(">I").unpack_from
+
+
+def _precheck(body: bytes) -> None:
+    """Walk the msgpack headers, building nothing, before msgpack builds anything.
+
+    msgpack preallocates each array at its header: a 5 KB frame of nested headers each
+    declaring 131072 entries would allocate up to 1 GiB. Here every declared entry must
+    have a byte left to come in, and arrays/maps and their entries are counted (a 4 MiB
+    frame of empty maps would be 4 million dicts). Anything else wrong is left to msgpack.
+    """
+    n = len(body)
+    i = 0
+    pending = 1  # objects still to come
+    containers = items = 0
+    fixed = _FIXED_SIZE
+    try:
+        while pending:
+            b = body[i]
+            pending -= 1
+            if 0xA0 <= b <= 0xBF:  # fixstr (the common cases first)
+                i += 1 + (b & 0x1F)
+                continue
+            if b == 0xD9 or b == 0xC4:  # str8, bin8
+                i += 2 + body[i + 1]
+                continue
+            size = fixed.get(b)
+            if size is not None:
+                i += size
+                continue
+            if b == 0xDA or b == 0xC5:
+                i += 3 + _U16(body, i + 1)[0]
+                continue
+            if b == 0xDB or b == 0xC6:
+                i += 5 + _U32(body, i + 1)[0]
+                continue
+            if 0x90 <= b <= 0x9F:
+                kind, count, i = "array", b & 0x0F, i + 1
+            elif 0x80 <= b <= 0x8F:
+                kind, count, i = "map", b & 0x0F, i + 1
+            elif b == 0xDC:
+                kind, count, i = "array", _U16(body, i + 1)[0], i + 3
+            elif b == 0xDD:
+                kind, count, i = "array", _U32(body, i + 1)[0], i + 5
+            elif b == 0xDE:
+                kind, count, i = "map", _U16(body, i + 1)[0], i + 3
+            elif b == 0xDF:
+                kind, count, i = "map", _U32(body, i + 1)[0], i + 5
+            else:
+                return  # ext types, 0xc1: msgpack refuses them in its own words
+            containers += 1
+            items += count
+            pending += 2 * count if kind == "map" else count
+            if pending > n - i:
+                raise ProtocolError(f"undecodable message: an {kind} header declares {count} "
+                                    f"entries with only {max(n - i, 0)} bytes left",
+                                    errno=_errno.EMSGSIZE, fatal=True)
+            if containers > MAX_CONTAINERS or items > MAX_ITEMS:
+                raise ProtocolError(f"message too complex: more than {MAX_CONTAINERS} arrays "
+                                    f"and maps or {MAX_ITEMS} entries in all",
+                                    errno=_errno.EMSGSIZE, fatal=True)
+    except (IndexError, struct.error):
+        return  # truncated: msgpack says so

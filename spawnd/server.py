@@ -30,6 +30,7 @@ from . import privileged, spawner
 from .activation import Notifier
 from .children import Child, ChildTable
 from .policy import Grant, Peer, Policy, Refused
+from .pool import DEFAULT_POOL_MAX, WarmPool  # multiprocessing warm pools
 
 log = logging.getLogger("spawnd")
 
@@ -39,6 +40,7 @@ RECV_SIZE = 256 * 1024
 FD_SPACE = socket.CMSG_SPACE(P.MAX_FDS * 4)
 ACCEPT_BACKOFF = 0.1  # out of fds: retry accept this often instead of spinning
 FLUSH_TIMEOUT = 2.0  # at shutdown, how long queued exit events may take to reach clients
+MAX_BACKLOG = 256  # replies queued for a client that does not read them: stop reading it
 
 
 @dataclass
@@ -46,6 +48,9 @@ class Options:
     on_stop: str = "terminate"  # what daemon shutdown does to children: terminate | kill | wait
     stop_grace: float = 5.0
     idle_exit: float | None = None
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    frame_timeout: float = FRAME_TIMEOUT
+    pool_max: int = DEFAULT_POOL_MAX  # idle warm interpreters, all users (spawnd/pool.py)
 
 
 def peer_of(sock: socket.socket) -> Peer:
@@ -96,6 +101,7 @@ class Server:
         self.rate = RateLimiter()
         self.starting: dict[int, int] = {}  # per uid: spawns between the limit check and add
         self.children: ChildTable
+        self.pool: WarmPool  # created in run(), like the ChildTable
         self._stopping = trio.Event()
         self._activity = trio.Event()
 
@@ -110,6 +116,7 @@ class Server:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as root:
             self.children = ChildTable(root)
+            self.pool = WarmPool(root, self.options.pool_max)  # refills run under the root
             async with trio.open_nursery() as conns:
                 async with trio.open_nursery() as helpers:
                     for sock in self.listeners:
@@ -131,6 +138,7 @@ class Server:
                     task_status.started()
                     await self._stopping.wait()
                     helpers.cancel_scope.cancel()
+                self.pool.stop()  # kill idle warm interpreters; their watchers reap them
                 # Accepting has stopped. Children first, so their exits reach clients.
                 self.notifier.stopping()
                 log.info("stopping: %d children (%s)", len(self.children), self.options.on_stop)
@@ -256,15 +264,21 @@ class ConnectionHandler:
         self.outbox_send, self.outbox = trio.open_memory_channel[tuple[bytes, list[int]]](
             float("inf"))
         self.scope = trio.CancelScope()
+        self._drained = trio.Event()  # set by the writer each time it has sent something
 
     def close_soon(self) -> None:
         """Flush what is queued, then close (used at daemon shutdown)."""
         self.outbox_send.close()
 
+    def abort(self) -> None:
+        """Close now: something this connection relies on failed (e.g. an exit was lost)."""
+        self.scope.cancel()
+
     def send(self, event: P.Event, fds: list[int] | None = None) -> None:
         """Queue ``event``; never blocks, so a slow reader cannot stall the reaper.
 
-        The queue is bounded in practice by the client's live children (one exit each).
+        The queue is bounded by the client's live children (one exit each) plus
+        ``MAX_BACKLOG`` replies: beyond that the reader waits for the writer.
         """
         try:
             self.outbox_send.send_nowait((self.proto.send(event), fds or []))
@@ -312,14 +326,18 @@ class ConnectionHandler:
                         sent += await self.sock.send(view[sent:])
                 finally:
                     _close_all(fds)  # our copies (e.g. dup'd pidfds) are done once sent
+                self._drained.set()
         except (BrokenPipeError, ConnectionResetError):
             pass
         # The outbox was closed (reader done, or shutdown) and flushed, or the peer is gone.
         self.scope.cancel()
 
     async def _recv(self) -> tuple[bytes, list[int]]:
-        data, anc, flags, _ = await self.sock.recvmsg(RECV_SIZE, FD_SPACE,
-                                                      socket.MSG_CMSG_CLOEXEC)
+        try:
+            data, anc, flags, _ = await self.sock.recvmsg(RECV_SIZE, FD_SPACE,
+                                                          socket.MSG_CMSG_CLOEXEC)
+        except ConnectionResetError:  # closed with our replies unread: just a disconnect
+            return b"", []
         fds: list[int] = []
         for level, kind, blob in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -343,13 +361,26 @@ class ConnectionHandler:
                               message=f"uid {self.peer.uid} may not use this daemon"))
             return
         self.send(hello)
-        deadline: float | None = trio.current_time() + HANDSHAKE_TIMEOUT
+        opts = self.server.options
+        deadline: float | None = trio.current_time() + opts.handshake_timeout
         while True:
+            while self.outbox_send.statistics().current_buffer_used >= MAX_BACKLOG:
+                self._drained = trio.Event()  # a client that sends but never reads: wait
+                await self._drained.wait()
             try:
                 with trio.fail_at(deadline) if deadline is not None else nullcontext():
                     data, fds = await self._recv()
                 self.proto.receive_data(data, fds)
-                while (ev := self.proto.next_event()) is not None:
+                while True:
+                    try:
+                        ev = self.proto.next_event()
+                    except P.ProtocolError as e:
+                        if e.fatal:
+                            raise
+                        self._refuse(e)  # one request refused: the frames after it still count
+                        continue
+                    if ev is None:
+                        break
                     await self._dispatch(ev)
             except trio.TooSlowError:
                 what = "hello" if self.proto.their_hello is None else "the rest of a message"
@@ -357,9 +388,7 @@ class ConnectionHandler:
                                   stage=P.STAGE_PROTOCOL, message=f"timed out waiting for {what}"))
                 return
             except P.ProtocolError as e:
-                _close_all(getattr(e, "fds", ()))
-                log.info("protocol error from uid %d: %s", self.peer.uid, e.message)
-                self.send(P.error_for(e, e.request_id, P.STAGE_PROTOCOL))
+                self._refuse(e)
                 if e.fatal:
                     return
                 continue
@@ -369,9 +398,16 @@ class ConnectionHandler:
             if self.proto.their_hello is None:
                 continue  # keep the handshake deadline
             if self.proto.in_frame:
-                deadline = trio.current_time() + FRAME_TIMEOUT if deadline is None else deadline
+                if deadline is None:
+                    deadline = trio.current_time() + opts.frame_timeout
             else:
                 deadline = None
+
+    def _refuse(self, e: P.ProtocolError) -> None:
+        assert self.peer is not None
+        _close_all(getattr(e, "fds", ()))
+        log.info("protocol error from uid %d: %s", self.peer.uid, e.message)
+        self.send(P.error_for(e, e.request_id, P.STAGE_PROTOCOL))
 
     # -- requests
     async def _dispatch(self, ev: P.Event) -> None:
@@ -432,7 +468,12 @@ class ConnectionHandler:
             self.send(P.error_for(e, req.id, P.STAGE_FDS))
             return
         log.debug("uid %d spawned %d: %r", self.peer.uid, pid, req.argv[0])
-        fds = [os.dup(child.pidfd)] if req.want_pidfd else []
+        fds = []
+        if req.want_pidfd:
+            try:
+                fds = [os.dup(child.pidfd)]
+            except OSError as e:  # out of fds: the child exists; the client gets no pidfd
+                log.warning("no pidfd for child %d: %s", pid, e.strerror)
         self.send(P.Spawned(id=req.id, pid=pid, pidfd=bool(fds)), fds)
         server.poke()
 
@@ -456,6 +497,10 @@ class ConnectionHandler:
                 fd_map=tuple(zip(req.fds_received, req.fds, strict=True)), cwd=req.cwd,
                 setsid=req.start_new_session, pgroup=req.process_group, umask=grant.umask,
                 exec_fd=None if is_script else exec_fd)
+            if req.warm is not None and not grant.needs_trampoline:
+                # multiprocessing warm pool (spawnd/pool.py): an idle equivalent process, or a
+                # fresh one, gets the request's fds by handoff; the caller registers the pid.
+                return self.server.pool.take(self.peer.uid, self.peer.gid, spec, grant, req.warm)
             if grant.needs_trampoline:
                 return await privileged.spawn_privileged(spec, grant)
             return spawner.spawn(spec)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import errno
+import fcntl
 import itertools
 import os
 import select
@@ -27,6 +28,35 @@ from .errors import DaemonConnectionError, DaemonUnavailable, error_to_exception
 
 RECV_SIZE = 256 * 1024
 FD_SPACE = socket.CMSG_SPACE(8 * 4)  # the daemon sends at most one pidfd per message
+CLOSE_READ_TIMEOUT = 2.0  # after EPIPE, how long the daemon's last words may take to read
+
+
+def off_stdio(fd: int) -> int:
+    """Move one of our own fds (the socket, a received pidfd) above 2.
+
+    In a process whose stdio is closed they would land on 0-2, and ``Popen(stdin=None)``,
+    which passes our fd 0 as the child's stdin, would hand a child our daemon connection.
+    """
+    if fd > 2:
+        return fd
+    new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    os.close(fd)
+    return new
+
+
+def new_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    if sock.fileno() <= 2:
+        fd = off_stdio(sock.detach())
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fd)
+    return sock
+
+
+def check_frame_size(data: bytes) -> None:
+    """A request over the daemon's frame limit fails here, alone, like exec would (E2BIG)."""
+    if len(data) > P.HEADER.size + P.MAX_FRAME:
+        raise OSError(errno.E2BIG, f"request of {len(data)} bytes is over spawnd's limit of "
+                      f"{P.MAX_FRAME} bytes per message")
 
 
 class _Waiter:
@@ -43,7 +73,7 @@ class Transport:
 
     def __init__(self, path: str, *, timeout: float = 10.0) -> None:
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock = new_socket()
         try:
             self.sock.settimeout(timeout)
             self.sock.connect(path)
@@ -63,10 +93,21 @@ class Transport:
         self.broken: BaseException | None = None
         self.daemon_pid: int | None = None
         self.exit_handlers: dict[int, Callable[[P.Exit | BaseException], None]] = {}
-        self._send_raw(P.Hello(agent="spawnd_client"), [])
-        if not self.wait_for(lambda: self.daemon_pid is not None or self.broken is not None,
-                             timeout) or self.broken is not None:
+        #: A connection-level error the daemon sent before closing (e.g. EPERM: our uid
+        #: may not use it); it is what every request on this connection then raises.
+        self.refusal: P.Error | None = None
+        try:
+            self._send_raw(P.Hello(agent="spawnd_client"), [])
+            sent = True
+        except (BrokenPipeError, ConnectionResetError):
+            # A daemon that refuses our uid answers at accept and closes at once: what it
+            # sent before closing, then EOF, is still ours to read.
+            sent = False
+        if not self.wait_for(lambda: (sent and self.daemon_pid is not None)
+                             or self.broken is not None, timeout) or self.broken is not None:
             self.close()
+            if self.refusal is not None:
+                raise error_to_exception(self.refusal)
             raise DaemonUnavailable(errno.ETIMEDOUT if self.broken is None else errno.EPROTO,
                                     f"spawnd at {path} did not complete the handshake: "
                                     f"{self.broken or 'timed out'}", path)
@@ -76,7 +117,9 @@ class Transport:
         return next(self._ids)
 
     def _send_raw(self, event: P.Event, fds: list[int]) -> None:
-        data = self.proto.send(event)
+        self._send_bytes(self.proto.send(event), fds)
+
+    def _send_bytes(self, data: bytes, fds: list[int]) -> None:
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         with self._send_lock:
             sent = self.sock.sendmsg([data], anc)
@@ -92,18 +135,24 @@ class Transport:
         child's exit handler is in place before its exit event can arrive.
         """
         rid: int = event.id  # type: ignore[attr-defined]
+        data = self.proto.send(event)
+        check_frame_size(data)  # the daemon would drop the whole connection for it
         w = _Waiter(on_spawned)
         with self._cond:
             if self.broken is not None:
-                raise DaemonConnectionError(f"connection to spawnd lost: {self.broken}")
+                raise self._lost()
             self._waiters[rid] = w
         try:
-            self._send_raw(event, fds or [])
+            self._send_bytes(data, fds or [])
         except OSError as e:
+            if isinstance(e, (BrokenPipeError, ConnectionResetError)):
+                # Closed on us: read why (a refusal the daemon sent first), up to its EOF.
+                self.wait_for(lambda: self.broken is not None, CLOSE_READ_TIMEOUT)
             with self._cond:
                 self._waiters.pop(rid, None)
                 self._fail(e)
-            raise DaemonConnectionError(f"connection to spawnd lost: {e}") from e
+                lost = self._lost()
+            raise lost from e
         if not self.wait_for(lambda: w.done, timeout):
             with self._cond:
                 self._waiters.pop(rid, None)
@@ -165,7 +214,7 @@ class Transport:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 a = array.array("i")
                 a.frombytes(blob[: len(blob) - len(blob) % a.itemsize])
-                fds.extend(a)
+                fds.extend(off_stdio(fd) for fd in a)
         try:
             self.proto.receive_data(data, fds)
             while (ev := self.proto.next_event()) is not None:
@@ -188,7 +237,8 @@ class Transport:
         rid = getattr(ev, "id", None)
         if rid is None:  # a connection-level error: the daemon will close on us
             if isinstance(ev, P.Error):
-                self.broken = error_to_exception(ev)
+                self.refusal = ev
+                self._fail(error_to_exception(ev))  # pending requests get the reason too
             return
         w = self._waiters.pop(rid, None)
         if w is None:
@@ -208,7 +258,7 @@ class Transport:
         """Called with the lock held: the connection is gone; fail every waiter and child."""
         if self.broken is None:
             self.broken = exc
-        reason = DaemonConnectionError(f"connection to spawnd lost: {self.broken}")
+        reason = self._lost()
         for w in self._waiters.values():
             w.reply = reason
             w.done = True
@@ -222,6 +272,14 @@ class Transport:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    def _lost(self) -> OSError:
+        """What a request on a dead connection raises: the daemon's own reason if it gave
+        one (``PermissionError`` for a uid the policy does not admit), else
+        :class:`DaemonConnectionError`."""
+        if self.refusal is not None:
+            return error_to_exception(self.refusal)
+        return DaemonConnectionError(f"connection to spawnd lost: {self.broken}")
 
     def close(self) -> None:
         with self._cond:

@@ -20,12 +20,14 @@ import anyio
 from spawnd import protocol as P
 from spawnd.paths import default_socket_path
 
+from ._transport import check_frame_size, new_socket, off_stdio
 from .autostart import private_daemon
 from .client import StrOrBytes, spawn_request
 from .errors import DaemonConnectionError, DaemonUnavailable, error_to_exception
 
 RECV_SIZE = 256 * 1024
 FD_SPACE = socket.CMSG_SPACE(8 * 4)
+CLOSE_READ_TIMEOUT = 2.0  # after EPIPE, how long the daemon's last words may take to read
 
 
 class AsyncChild:
@@ -92,7 +94,11 @@ class AsyncClient:
         self._exits: dict[int, AsyncChild] = {}
         self._send_lock = anyio.Lock()
         self._hello = anyio.Event()
+        self._gone = anyio.Event()  # set once the connection is dead (see _fail)
         self._broken: BaseException | None = None
+        #: A connection-level error the daemon sent before closing (e.g. EPERM: our uid may
+        #: not use it); every request on this connection then raises it.
+        self._refusal: P.Error | None = None
         self._tg: anyio.abc.TaskGroup | None = None
 
     async def __aenter__(self) -> AsyncClient:
@@ -105,11 +111,23 @@ class AsyncClient:
             self._sock = await self._connect(path)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        self._tg.start_soon(self._read_loop)
-        await self._send(P.Hello(agent="spawnd_client.aio"), [])
-        await self._hello.wait()
+        try:
+            self._tg.start_soon(self._read_loop)
+            try:
+                await self._send(P.Hello(agent="spawnd_client.aio"), [])
+            except (BrokenPipeError, ConnectionResetError):
+                # A daemon that refuses our uid answers at accept and closes at once: the
+                # reader still gets what it sent before closing, then EOF.
+                with anyio.move_on_after(CLOSE_READ_TIMEOUT):
+                    await self._gone.wait()
+            await self._hello.wait()
+        except BaseException:
+            await self.aclose()  # never leave the task group open behind an exception
+            raise
         if self._broken is not None:
             await self.aclose()
+            if self._refusal is not None:
+                raise error_to_exception(self._refusal)
             raise DaemonUnavailable(errno.EPROTO, f"handshake failed: {self._broken}", self.path)
         return self
 
@@ -128,7 +146,7 @@ class AsyncClient:
 
     @staticmethod
     async def _connect(path: str) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock = new_socket()
         sock.setblocking(False)
         try:
             try:
@@ -152,6 +170,7 @@ class AsyncClient:
     async def _send(self, event: P.Event, fds: list[int]) -> None:
         assert self._sock is not None
         data = memoryview(self._proto.send(event))
+        check_frame_size(data)
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         async with self._send_lock:
             while data:
@@ -164,13 +183,20 @@ class AsyncClient:
 
     async def _request(self, event: P.Event, fds: list[int] | None = None) -> Any:
         if self._broken is not None:
-            raise DaemonConnectionError(f"connection to spawnd lost: {self._broken}")
+            raise self._lost()
         done = anyio.Event()
         box: list[Any] = []
         rid: int = event.id  # type: ignore[attr-defined]
         self._waiters[rid] = (done, box)
         try:
-            await self._send(event, fds or [])
+            try:
+                await self._send(event, fds or [])
+            except (BrokenPipeError, ConnectionResetError) as e:
+                # Closed on us: the reader reads why (a refusal sent first), then EOF.
+                with anyio.move_on_after(CLOSE_READ_TIMEOUT):
+                    await self._gone.wait()
+                self._fail(e)
+                raise self._lost() from e
             await done.wait()
         finally:
             self._waiters.pop(rid, None)
@@ -196,7 +222,7 @@ class AsyncClient:
                     if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                         a = array.array("i")
                         a.frombytes(blob[: len(blob) - len(blob) % a.itemsize])
-                        fds.extend(a)
+                        fds.extend(off_stdio(fd) for fd in a)
                 self._proto.receive_data(data, fds)
                 while (ev := self._proto.next_event()) is not None:
                     self._route(ev)
@@ -213,8 +239,9 @@ class AsyncClient:
             if child is not None:
                 child._on_exit(ev)
         elif getattr(ev, "id", None) is None:
-            if isinstance(ev, P.Error):
-                self._broken = error_to_exception(ev)
+            if isinstance(ev, P.Error):  # connection-level: the daemon closes on us
+                self._refusal = ev
+                self._fail(error_to_exception(ev))
         else:
             waiter = self._waiters.get(ev.id)  # type: ignore[attr-defined]
             if waiter is None:
@@ -233,7 +260,7 @@ class AsyncClient:
     def _fail(self, exc: BaseException) -> None:
         if self._broken is None:
             self._broken = exc
-        reason = DaemonConnectionError(f"connection to spawnd lost: {self._broken}")
+        reason = self._lost()
         for done, box in self._waiters.values():
             box.append(reason)
             done.set()
@@ -241,6 +268,15 @@ class AsyncClient:
             child._on_exit(reason)
         self._exits.clear()
         self._hello.set()
+        self._gone.set()
+
+    def _lost(self) -> OSError:
+        """What a request on a dead connection raises: the daemon's own reason if it gave
+        one (``PermissionError`` for a uid the policy does not admit), else
+        :class:`DaemonConnectionError`."""
+        if self._refusal is not None:
+            return error_to_exception(self._refusal)
+        return DaemonConnectionError(f"connection to spawnd lost: {self._broken}")
 
     async def spawn(self, argv: Sequence[StrOrBytes], *, env: Mapping[Any, Any] | None = None,
                     fds: Mapping[int, int] | None = None, executable: StrOrBytes | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal as _signal
 import threading
@@ -48,6 +49,14 @@ def spawn_request(rid: int, argv: Sequence[StrOrBytes], *, env: Mapping[Any, Any
         extra_groups=None if extra_groups is None else tuple(extra_groups),
         capabilities=tuple(capabilities), rlimits=None if rlimits is None else dict(rlimits),
         **flags)
+    # What the daemon's decoder refuses would cost the whole shared connection: fail alone.
+    for strings in (req.argv, req.env):
+        if len(strings) > P.MAX_ARRAY or max(map(len, strings), default=0) > P.MAX_STR:
+            raise OSError(errno.E2BIG, f"argument list too long for spawnd (at most "
+                          f"{P.MAX_ARRAY} strings of at most {P.MAX_STR} bytes)")
+    for path in (req.executable, req.cwd):
+        if path is not None and len(path) > P.MAX_STR:
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), path)
     return req, [fd for _, fd in items]
 
 

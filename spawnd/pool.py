@@ -1,0 +1,358 @@
+"""Warm interpreter pools: the zygote without fork.
+
+A ``Spawn`` request with ``warm`` set (the multiprocessing start method sends it) is not
+spawned directly. The daemon keeps a few *pre-started* processes per **key** — everything
+that makes two starts interchangeable: peer uid/gid, the executable (and the file's
+identity), argv, env, cwd, session/group/umask, the granted credentials and the request's
+fd target numbers. A process is only ever handed to a request with the same key, so it is
+exactly the process that request would have started, just earlier.
+
+A pooled process is started with ``posix_spawn`` like any child, with two differences: every
+fd number the request will fill holds a ``/dev/null`` placeholder (so the interpreter cannot
+allocate those numbers while it imports), and one more fd, named by ``SPAWND_WARM_FD`` in its
+environment, is a private ``SOCK_SEQPACKET`` control socket whose other end the daemon keeps.
+The program imports what it likes, then blocks on that socket. The *handoff* is one message::
+
+    b"SPWH" + uint32 n (little endian) + n int32 target fd numbers, with n fds (SCM_RIGHTS)
+
+The process ``dup2``s each fd onto its target (replacing the placeholder), closes the control
+socket and goes on as if it had been started with those fds. A request that finds no idle
+process starts a fresh one and hands off at once: one code path, warm or cold. The control
+socket is a socketpair: unlike CPython's forkserver socket (CVE-2022-42919; 3.14 added an
+HMAC for it) nobody else can ever connect to it, so there is nothing to authenticate.
+
+Idle processes belong to the pool, not to the :class:`~spawnd.children.ChildTable`: the pool
+watches and reaps them itself (pidfd, in the trio loop, no thread), kills them on idle
+timeout and at shutdown. On handoff it stops watching and returns the pid, and the server
+registers the child in the ChildTable under the requesting connection like any other (the
+pid cannot be recycled before it is reaped, so ``pidfd_open`` there is race-free). Refills
+run in one task per key in the server's root nursery; the request path never waits for one.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import struct
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import trio
+
+from . import spawner
+from .spawner import SpawnError, SpawnSpec
+
+log = logging.getLogger("spawnd")
+
+__all__ = ["DEFAULT_POOL_MAX", "WARM_FD_ENV", "WarmPool"]
+
+#: Environment variable naming the control socket's fd in a pooled process.
+WARM_FD_ENV = b"SPAWND_WARM_FD"
+HANDOFF_MAGIC = b"SPWH"
+HANDOFF_HEADER = struct.Struct("<4sI")
+#: Idle pooled processes across all keys and users (``spawnd serve --pool-max``): each is a
+#: whole interpreter (~10-20 MB), so the default stays small.
+DEFAULT_POOL_MAX = 8
+#: A key whose pooled processes keep dying while idle stops being refilled after this many
+#: in a row (requests are then served cold, through the same handoff).
+MAX_FAILURES = 5
+BACKOFF_FIRST = 0.1  # seconds before refilling after an idle death, doubling each time
+BACKOFF_MAX = 10.0
+#: After a handoff, wait this long before starting the replacement: its posix_spawn blocks
+#: the loop for a moment and its imports take a CPU for ~0.1 s, which the process just
+#: handed off (and the reply to its request) should not have to compete with.
+REFILL_DELAY = 0.02
+
+Key = tuple[Any, ...]
+
+
+@dataclass(eq=False)
+class WarmProcess:
+    pid: int
+    pidfd: int
+    control: socket.socket
+    entry: Entry
+    handed_off: bool = False  # set when given to a request: the pool no longer owns it
+    retired: bool = False  # killed on purpose (timeout, eviction, shutdown)
+
+
+@dataclass(eq=False)
+class Entry:
+    """One key's pool: its spawn spec (placeholders included), size and idle processes."""
+
+    key: Key
+    spec: SpawnSpec  # the request's spec; fd_map sources are replaced at each spawn
+    targets: tuple[int, ...]
+    size: int
+    idle_timeout: float
+    last_used: float
+    idle: deque[WarmProcess] = field(default_factory=deque)
+    changed: trio.Event = field(default_factory=trio.Event)
+    failures: int = 0
+    scope: trio.CancelScope | None = None
+
+
+class WarmPool:
+    """All warm pools of one daemon. ``take`` is synchronous: it never waits for a refill."""
+
+    def __init__(self, nursery: trio.Nursery, max_idle: int = DEFAULT_POOL_MAX) -> None:
+        self._nursery = nursery
+        self.max_idle = max_idle
+        self._entries: dict[Key, Entry] = {}
+        self._stopping = False
+        # One /dev/null for every placeholder; O_CLOEXEC: only dup2 puts it in a child.
+        self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+
+    # -- introspection (logs, tests)
+    @property
+    def idle_count(self) -> int:
+        return sum(len(e.idle) for e in self._entries.values())
+
+    # -- the request path
+    def take(self, uid: int, gid: int, spec: SpawnSpec, grant: Any,
+             warm: dict[str, Any]) -> int:
+        """Start ``spec`` through the pool: hand an idle equivalent process the request's fds,
+        or start one and hand off at once. Returns the pid; raises SpawnError like spawn()."""
+        targets = tuple(t for _, t in spec.fd_map)
+        sources = [s for s, _ in spec.fd_map]
+        key = self._key(uid, gid, spec, grant, targets)
+        now = trio.current_time()
+        size = min(int(warm.get("size", 1)), self.max_idle)
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = Entry(key=key, spec=self._entry_spec(spec), targets=targets, size=size,
+                          idle_timeout=float(warm["idle_timeout"]), last_used=now)
+            if size > 0 and not self._stopping:
+                self._entries[key] = entry
+                self._nursery.start_soon(self._run_entry, entry)
+        else:
+            entry.size = size
+            entry.idle_timeout = float(warm["idle_timeout"])
+        entry.last_used = now
+        entry.changed.set()  # the refill task re-checks size and deadline
+        while entry.idle:
+            proc = entry.idle.popleft()
+            try:
+                given = self._hand_off(proc.control, sources, targets)
+            except BaseException:  # the request's fds are bad: the process stays idle
+                entry.idle.appendleft(proc)
+                raise
+            if given:
+                self._release(proc)
+                entry.failures = 0
+                log.debug("warm: handed idle %d to uid %d", proc.pid, uid)
+                return proc.pid
+            self._retire(proc)  # it died or is dying; its watcher reaps it
+        try:
+            pid, control = self._spawn(entry.spec, targets)
+        finally:
+            if self._entries.get(key) is not entry:  # size 0 or stopping: a one-off entry
+                self._close_entry(entry)
+        try:
+            if not self._hand_off(control, sources, targets):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)  # bounded: SIGKILL, and it is our child
+                raise SpawnError(errno.EPIPE, spawner.STAGE_FDS)
+        finally:
+            control.close()
+        log.debug("warm: no idle process for uid %d; started %d cold", uid, pid)
+        return pid
+
+    def stop(self) -> None:
+        """Daemon shutdown: kill every idle process (watchers reap them) and stop refilling."""
+        self._stopping = True
+        for entry in list(self._entries.values()):
+            while entry.idle:
+                self._retire(entry.idle.popleft())
+            if entry.scope is not None:
+                entry.scope.cancel()
+
+    # -- keys and spawning
+    @staticmethod
+    def _key(uid: int, gid: int, spec: SpawnSpec, grant: Any, targets: tuple[int, ...]) -> Key:
+        # The file that runs, by identity: the fd the policy checked when the server opened
+        # one (the pool keeps its own dup of it), else whatever the path names now.
+        exe = spec.executable
+        try:
+            if spec.exec_fd is not None:
+                st = os.fstat(spec.exec_fd)
+            else:
+                st = os.stat(exe if exe.startswith(b"/") or spec.cwd is None
+                             else os.path.join(spec.cwd, exe))
+            identity: tuple[int, ...] | None = (st.st_dev, st.st_ino, st.st_mtime_ns)
+        except OSError:
+            identity = None  # the spawn will fail and say why
+        creds = (getattr(grant, "uid", None), getattr(grant, "gid", None),
+                 getattr(grant, "groups", None), tuple(getattr(grant, "capabilities", ())),
+                 tuple(sorted((getattr(grant, "rlimits", None) or {}).items())),
+                 bool(getattr(grant, "no_new_privs", False)))
+        return (uid, gid, exe, identity, spec.exec_fd is not None, tuple(spec.argv),
+                tuple(spec.env), spec.cwd, spec.setsid, spec.pgroup, spec.umask, targets, creds)
+
+    @staticmethod
+    def _entry_spec(spec: SpawnSpec) -> SpawnSpec:
+        """The spec refills reuse: no request fds, and our own dup of the checked executable
+        (the request's is closed when the request is done)."""
+        exec_fd = None if spec.exec_fd is None else fcntl.fcntl(spec.exec_fd,
+                                                               fcntl.F_DUPFD_CLOEXEC, 3)
+        return replace(spec, fd_map=(), exec_fd=exec_fd)
+
+    @staticmethod
+    def _close_entry(entry: Entry) -> None:
+        if entry.spec.exec_fd is not None:
+            os.close(entry.spec.exec_fd)
+            entry.spec = replace(entry.spec, exec_fd=None)
+
+    def _spawn(self, spec: SpawnSpec, targets: tuple[int, ...]) -> tuple[int, socket.socket]:
+        """posix_spawn one poolable process: placeholders at ``targets``, control socket above."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            ctl = max((*targets, 2)) + 1
+            fd_map = tuple((self._devnull, t) for t in targets) + ((theirs.fileno(), ctl),)
+            prefix = WARM_FD_ENV + b"="
+            env = tuple(e for e in spec.env if not e.startswith(prefix)) + (prefix + b"%d" % ctl,)
+            pid = spawner.spawn(replace(spec, fd_map=fd_map, env=env))
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        return pid, ours
+
+    @staticmethod
+    def _hand_off(control: socket.socket, sources: list[int], targets: tuple[int, ...]) -> bool:
+        """Send the fds and their targets; False if the process is gone (its end is closed)."""
+        msg = HANDOFF_HEADER.pack(HANDOFF_MAGIC, len(targets)) + struct.pack(
+            f"<{len(targets)}i", *targets)
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", sources))] if sources else []
+        try:
+            # Never blocks: the socket is fresh and this is the only message it ever carries.
+            control.sendmsg([msg], anc)
+        except (BlockingIOError, BrokenPipeError, ConnectionError):
+            return False
+        except OSError as e:  # EBADF on a source fd, ETOOMANYREFS...: the request's fault
+            raise SpawnError(e.errno or errno.EBADF, spawner.STAGE_FDS) from None
+        return True
+
+    # -- ownership of idle processes
+    def _release(self, proc: WarmProcess) -> None:
+        """The process now belongs to a request: stop watching it, keep no fd of it."""
+        proc.handed_off = True
+        proc.control.close()
+        trio.lowlevel.notify_closing(proc.pidfd)  # wakes its watcher, which then returns
+        os.close(proc.pidfd)
+        proc.pidfd = -1
+
+    def _retire(self, proc: WarmProcess) -> None:
+        """Kill an idle process on purpose (already removed from its entry's idle list)."""
+        proc.retired = True
+        proc.control.close()  # EOF alone makes it exit; SIGKILL makes it prompt
+        try:
+            signal.pidfd_send_signal(proc.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    async def _watch(self, proc: WarmProcess) -> None:
+        if proc.handed_off:  # handed off before this task first ran: its pidfd is gone
+            return
+        try:
+            await trio.lowlevel.wait_readable(proc.pidfd)
+        except trio.ClosedResourceError:
+            if proc.handed_off:
+                return
+            raise
+        finally:
+            if not proc.handed_off:
+                self._reap(proc)
+
+    def _reap(self, proc: WarmProcess) -> None:
+        info = os.waitid(os.P_PIDFD, proc.pidfd, os.WEXITED | os.WNOHANG)
+        if info is None:  # cancelled while alive (shutdown): bounded, it is SIGKILLed
+            signal.pidfd_send_signal(proc.pidfd, signal.SIGKILL)
+            info = os.waitid(os.P_PIDFD, proc.pidfd, os.WEXITED)
+        os.close(proc.pidfd)
+        proc.pidfd = -1
+        proc.control.close()
+        entry = proc.entry
+        if proc in entry.idle:
+            entry.idle.remove(proc)
+        if not proc.retired:
+            entry.failures += 1
+            log.warning("warm: idle process %d died (status %d, code %d); %d in a row",
+                        proc.pid, info.si_status, info.si_code, entry.failures)
+            entry.changed.set()
+        else:
+            log.debug("warm: retired idle process %d", proc.pid)
+
+    # -- refilling and expiry, one task per key
+    async def _run_entry(self, entry: Entry) -> None:
+        try:
+            with trio.CancelScope() as entry.scope:
+                while not self._stopping:
+                    entry.changed = trio.Event()
+                    await self._refill(entry)
+                    deadline = entry.last_used + entry.idle_timeout
+                    if trio.current_time() >= deadline:
+                        log.debug("warm: pool idle for %.1fs; emptying it", entry.idle_timeout)
+                        break
+                    with trio.move_on_at(deadline):
+                        await entry.changed.wait()
+                        await trio.sleep(REFILL_DELAY)
+        finally:
+            if self._entries.get(entry.key) is entry:
+                del self._entries[entry.key]
+            while entry.idle:
+                self._retire(entry.idle.popleft())
+            self._close_entry(entry)
+
+    async def _refill(self, entry: Entry) -> None:
+        while len(entry.idle) < entry.size and not self._stopping:
+            if entry.failures >= MAX_FAILURES:
+                if entry.failures == MAX_FAILURES:
+                    entry.failures += 1  # log once
+                    log.warning("warm: %d pooled processes died idle in a row; not refilling "
+                                "this pool (requests are served cold)", MAX_FAILURES)
+                return
+            if entry.failures:
+                await trio.sleep(min(BACKOFF_FIRST * 2 ** (entry.failures - 1), BACKOFF_MAX))
+                if len(entry.idle) >= entry.size or self._stopping:
+                    return
+            if not self._make_room(entry):
+                return
+            try:
+                pid, control = self._spawn(entry.spec, entry.targets)
+            except OSError as e:
+                entry.failures += 1
+                log.warning("warm: refill failed: %s", e)
+                continue
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                control.close()
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise
+            proc = WarmProcess(pid=pid, pidfd=pidfd, control=control, entry=entry)
+            entry.idle.append(proc)
+            self._nursery.start_soon(self._watch, proc)
+            log.debug("warm: started idle process %d (%d/%d)", pid, len(entry.idle), entry.size)
+            await trio.sleep(0)  # one spawn per turn of the loop: requests go first
+
+    def _make_room(self, entry: Entry) -> bool:
+        """Under the daemon-wide cap, or evict an idle process of a less recently used key."""
+        if self.idle_count < self.max_idle:
+            return True
+        victims = [e for e in self._entries.values()
+                   if e is not entry and e.idle and e.last_used < entry.last_used]
+        if not victims:
+            return False
+        victim = min(victims, key=lambda e: e.last_used)
+        self._retire(victim.idle.popleft())
+        return True
