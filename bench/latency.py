@@ -214,7 +214,7 @@ def runner(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def run(socket_path: str, *, quick: bool) -> dict[str, Any]:
     sizes = QUICK_SIZES if quick else FULL_SIZES
-    rounds = 10 if quick else 40
+    rounds = 10 if quick else 50
     configs = []
     for threads in THREADS:
         for mib in sizes:

@@ -221,7 +221,7 @@ def _median_cpu(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(socket_path: str, *, quick: bool) -> dict[str, Any]:
-    count, rounds = (200, 1) if quick else (1500, 3)
+    count, rounds = (200, 1) if quick else (1500, 5)
     log(f"  throughput: {count} spawns per measurement, {rounds} rounds")
     res = run_runner(MODULE, {"socket": socket_path, "count": count, "rounds": rounds},
                      timeout=900)

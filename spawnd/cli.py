@@ -17,7 +17,12 @@ log = logging.getLogger("spawnd")
 
 
 def _group_id(name: str) -> int:
-    return int(name) if name.isdigit() else grp.getgrnam(name).gr_gid
+    if name.isdigit():
+        return int(name)
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise SystemExit(f"spawnd: no such group: {name!r}") from None
 
 
 def open_listener(path: str, group: int | None) -> socket.socket:

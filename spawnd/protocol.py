@@ -3,8 +3,8 @@
 Both the daemon and the client use this module. A stream carries frames: a 4-byte
 big-endian length, then one msgpack map. File descriptors travel beside the bytes
 (SCM_RIGHTS); the transport tells :meth:`Connection.receive_data` which fds arrived
-with which bytes, and every fd is attributed to the frame whose first byte it came
-with. Nothing here opens, closes or waits on anything: fds are only numbers.
+with which bytes, and every fd is attributed to the frame holding the last byte of the
+read it came with. Nothing here opens, closes or waits on anything: fds are only numbers.
 
 See ``docs/protocol.md`` for the message reference.
 """

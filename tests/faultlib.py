@@ -256,6 +256,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks after boot), None if there is no such pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def gone(pid: int, started: int | None) -> bool:
+    """The process that started at ``started`` was reaped (pids wrap: compare start times;
+    a zombie still has its entry)."""
+    return start_time(pid) != started
+
+
 def zombies(pid: int) -> list[int]:
     return [p for p, s in children_of(pid) if s == "Z"]
 

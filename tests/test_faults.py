@@ -34,12 +34,14 @@ from faultlib import (
     cpu_seconds,
     frame,
     frame_body,
+    gone,
     inode,
     kill_quietly,
     launch,
     open_fds,
     raw_error,
     spawn_msg,
+    start_time,
     stop,
     zombies,
 )
@@ -635,16 +637,16 @@ time.sleep(60)
 """
 
 
-def _gone(pid: int) -> bool:
-    """Exited and reaped (a zombie still has its /proc entry)."""
-    return not os.path.exists(f"/proc/{pid}")
-
-
 def test_08_client_killed_after_spawning(shared: Daemon, base: Baseline, tmp_path: Path) -> None:
     p = subprocess.Popen([PY, "-c", KILLED_AFTER_SPAWN, shared.path, str(tmp_path)],
                          stdout=subprocess.PIPE)
     assert p.stdout is not None
     pids = json.loads(p.stdout.readline())
+    started = {pid: start_time(pid) for pid in pids.values()}
+
+    def _gone(pid: int) -> bool:
+        return gone(pid, started[pid])
+
     p.kill()
     p.wait()
     t0 = time.monotonic()

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import spawnd_client as sc
 from conftest import children_of, fd_count, rss_kib, wait_until
-from faultlib import Baseline, launch, stop, zombies
+from faultlib import Baseline, gone, launch, start_time, stop, zombies
 from spawnd_client._transport import Transport
 
 from spawnd import protocol as P
@@ -63,7 +63,7 @@ def run_soak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n_threads: int, pe
         base = Baseline(d)
         shared = [sc.Client(d.path, autostart=False) for _ in range(2)]
         errors: list[str] = []
-        abandoned: list[int] = []  # children of deliberately dropped connections
+        abandoned: list[tuple[int, int | None]] = []  # children of dropped connections
         done = Counter[str]()
         peak = [rss_kib(d.pid)]
         stop_monitor = threading.Event()
@@ -91,7 +91,7 @@ def run_soak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n_threads: int, pe
                             for how in ("terminate", "kill"):
                                 c = temp.spawn(["/bin/sleep", "30"], env={}, grace=0.5,
                                                on_disconnect=how)
-                                abandoned.append(c.pid)
+                                abandoned.append((c.pid, start_time(c.pid)))
                                 c.close()
                         done["abandon"] += 1
                         continue
@@ -144,7 +144,7 @@ def run_soak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n_threads: int, pe
 
         # every child of a dropped connection met its fate and was reaped
         assert wait_until(lambda: not children_of(d.pid), 20), children_of(d.pid)
-        assert all(not os.path.exists(f"/proc/{pid}") for pid in abandoned)
+        assert all(gone(pid, started) for pid, started in abandoned)
         assert not zombies(d.pid)
         # exactly once, to the right caller: one exit per spawned child on live connections
         # (a dropped connection may have lost some: never more than one either)
