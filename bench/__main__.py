@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="also profile the daemon and client hot path (cProfile, py-spy)")
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
-                   help="first wait up to this long for the machine to be idle "
+                   help="before each part, wait up to this long for the machine to be idle "
                    "(< 0.25 busy CPUs over a second)")
     p.add_argument("--docs", action="store_true",
                    help="copy the PNG and JSON to docs/bench.png, docs/bench-results.json and "
@@ -56,15 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     _raise_nofile()
 
-    load = common.background_load()
-    deadline = time.monotonic() + args.wait_quiet
-    while load >= 0.25 and time.monotonic() < deadline:
-        common.log(f"machine busy ({load} CPUs in use by others): waiting")
-        time.sleep(4)
-        load = common.background_load()
-    if load >= 0.25:
-        common.log(f"WARNING: {load} CPUs were busy with other work before the run: absolute "
-                   "times will be inflated (ratios less so)")
+    load = _wait_quiet(args.wait_quiet)
     started = time.time()
     results: dict[str, Any] = {"meta": {
         "quick": args.quick, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -78,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         results["meta"]["daemon_pid"] = daemon.pid
         common.log(f"bench daemon {daemon.pid} on {daemon.path}")
     try:
-        for part in parts:
+        for i, part in enumerate(parts):
             common.log(f"[{part}]")
+            before = load if i == 0 else _wait_quiet(args.wait_quiet)
             t0 = time.monotonic()
             try:
                 results[part] = _run_part(part, daemon.path, args.quick)
@@ -88,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[part] = {"error": f"{type(e).__name__}: {e}"}
                 failed.append(part)
             results[part]["elapsed_s"] = round(time.monotonic() - t0, 1)
+            results[part]["background_busy_cpus_before"] = before
         if args.profile:
             from . import profile
 
@@ -130,6 +124,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _wait_quiet(patience: float) -> float:
+    """Busy CPUs (others' work) now; with ``patience``, wait up to that long for quiet."""
+    from . import common
+
+    load = common.background_load()
+    deadline = time.monotonic() + patience
+    while load >= 0.25 and time.monotonic() < deadline:
+        common.log(f"machine busy ({load} CPUs in use by others): waiting")
+        time.sleep(4)
+        load = common.background_load()
+    if load >= 0.25:
+        common.log(f"WARNING: {load} CPUs are busy with other work: absolute times will be "
+                   "inflated (ratios less so)")
+    return load
+
+
 def _run_part(part: str, socket_path: str, quick: bool) -> dict[str, Any]:
     if part == "latency":
         from . import latency
@@ -161,7 +171,9 @@ def _text(results: dict[str, Any]) -> str:
                   f"Python {m.get('python')}, Linux {m.get('kernel')}, {m.get('cpus')} CPUs "
                   f"({m.get('cpu')}), {m.get('libc')}; busy CPUs before/after the run "
                   f"(others' work): {results['meta']['background_busy_cpus_at_start']}"
-                  f"/{results['meta'].get('background_busy_cpus_at_end')}")
+                  f"/{results['meta'].get('background_busy_cpus_at_end')}; before each part: "
+                  + ", ".join(f"{p} {results[p].get('background_busy_cpus_before')}"
+                              for p in results["meta"]["parts"] if p in results))
     render = {"latency": report.latency_tables, "throughput": report.throughput_table,
               "memory": report.memory_table, "mp": report.mp_table,
               "privileged": report.privileged_table}

@@ -291,7 +291,9 @@ def markdown(results: dict[str, Any]) -> str:
              f"{(m.get('mem_total_kib') or 0) / 2**20:.0f} GiB RAM, THP `{m.get('transparent_hugepage')}`;"
              f" CPUs busy with other work before/after: "
              f"{meta.get('background_busy_cpus_at_start')}/"
-             f"{meta.get('background_busy_cpus_at_end')}."]
+             f"{meta.get('background_busy_cpus_at_end')}; before each part: "
+             + ", ".join(f"{p} {results[p].get('background_busy_cpus_before')}"
+                         for p in meta["parts"] if p in results) + "."]
     parts.append("### Targets\n\n" + md_table(
         ["", "target", "measured", "goal", "detail"],
         [[f"**{t['status']}**", t["target"],

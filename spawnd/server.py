@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import trio
 
-from . import protocol as P
 from . import privileged, spawner
+from . import protocol as P
 from .activation import Notifier
 from .children import Child, ChildTable
 from .policy import Grant, Peer, Policy, Refused

@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - distributions may strip it
 
 from spawnd_client import mp
 
-mp.register()
+mp.register(warm=int(os.environ.get("SPAWND_TEST_WARM", "0")))
 _tmp.install_tests_in_module_dict(globals(), mp.START_METHOD, only_type="processes")
 
 #: The families the issue asks for (class names without "WithProcesses").
@@ -57,6 +57,7 @@ for _case, _why in SKIP.items():
     _cls = globals().get(_cls_name)
     if _cls is not None and hasattr(_cls, _meth):
         setattr(_cls, _meth, unittest.skip(_why)(getattr(_cls, _meth)))
+del _name, _case, _why, _cls, _cls_name, _meth  # or pytest collects _cls a second time
 
 
 _stdlib_setup = globals()["setUpModule"]
