@@ -3,7 +3,8 @@
 1. Latency decomposition, in one small runner, rounds in random order: local ``os.posix_spawn``,
    a ``ping`` round trip (IPC + both event loops, no process), ``Client.spawn`` without
    and with a pidfd, ``Popen`` (which also passes stdio), and the CPU time the daemon and
-   the client burn per spawn (``/proc/PID/stat``, ``getrusage``).
+   the client burn per spawn (``/proc/PID/stat``, ``getrusage``); then the same ping back
+   to back and after 2 ms and 50 ms asleep: what waking an idle daemon costs.
 2. py-spy (when installed: ``pip install py-spy``) samples the un-instrumented daemon and a
    load-generating client (1 and 8 threads) at 1 kHz without pausing them; the report
    gives the share of the daemon's busy samples in each part of the hot path and the top
@@ -129,7 +130,8 @@ def _decompose(cfg: dict[str, Any]) -> dict[str, Any]:
 
     fns = {"posix_spawn": posix_spawn, "ping": client.ping, "spawn_nopidfd": spawn_nopidfd,
            "spawn_pidfd": spawn_pidfd, "spawn_stdio": spawn_stdio, "popen": popen}
-    samples: dict[str, list[int]] = {k: [] for k in fns}
+    samples: dict[str, list[int]] = {k: [] for k in [*fns, "ping_hot", "ping_idle",
+                                                      "ping_idle50"]}
     for f in fns.values():
         f()
     rng = rounds_rng()
@@ -138,6 +140,19 @@ def _decompose(cfg: dict[str, Any]) -> dict[str, Any]:
             t0 = clock()
             fns[k]()
             samples[k].append(clock() - t0)
+    # The same ping back to back (both processes stay on CPU) and after 2 ms asleep (the
+    # CPUs may idle between requests): the cost of waking a sleeping process, twice.
+    for _ in range(cfg["rounds"]):
+        t0 = clock()
+        client.ping()
+        samples["ping_hot"].append(clock() - t0)
+    for key, gap, n in (("ping_idle", 0.002, cfg["rounds"]),
+                        ("ping_idle50", 0.05, max(cfg["rounds"] // 4, 10))):
+        for _ in range(n):
+            time.sleep(gap)
+            t0 = clock()
+            client.ping()
+            samples[key].append(clock() - t0)
     # CPU per spawn: daemon from /proc, client from getrusage, over sequential spawns
     hz = os.sysconf("SC_CLK_TCK")
     n = cfg["cpu_spawns"]
@@ -266,6 +281,8 @@ def text(res: dict[str, Any]) -> str:
     dec = res["decomposition"]
     lat = dec["latency"]
     labels = {"posix_spawn": "os.posix_spawn+wait, local", "ping": "ping round trip",
+              "ping_hot": "ping, back to back", "ping_idle": "ping after 2 ms asleep",
+              "ping_idle50": "ping after 50 ms asleep",
               "spawn_nopidfd": "Client.spawn, want_pidfd=False",
               "spawn_pidfd": "Client.spawn (pidfd passed back)",
               "spawn_stdio": "Client.spawn + stdio fds 0-2 passed",

@@ -68,6 +68,9 @@ BACKOFF_MAX = 10.0
 #: the loop for a moment and its imports take a CPU for ~0.1 s, which the process just
 #: handed off (and the reply to its request) should not have to compete with.
 REFILL_DELAY = 0.02
+#: Keys remembered at once (each holds a task and an fd): distinct requests beyond this
+#: evict the least recently used key, so varying env or argv cannot grow the daemon.
+MAX_ENTRIES = 64
 
 Key = tuple[Any, ...]
 
@@ -129,6 +132,8 @@ class WarmPool:
             entry = Entry(key=key, spec=self._entry_spec(spec), targets=targets, size=size,
                           idle_timeout=float(warm["idle_timeout"]), last_used=now)
             if size > 0 and not self._stopping:
+                if len(self._entries) >= MAX_ENTRIES:
+                    self._evict_lru()
                 self._entries[key] = entry
                 self._nursery.start_soon(self._run_entry, entry)
         else:
@@ -155,10 +160,13 @@ class WarmPool:
             if self._entries.get(key) is not entry:  # size 0 or stopping: a one-off entry
                 self._close_entry(entry)
         try:
-            if not self._hand_off(control, sources, targets):
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)  # bounded: SIGKILL, and it is our child
+            given = self._hand_off(control, sources, targets)
+            if not given:
                 raise SpawnError(errno.EPIPE, spawner.STAGE_FDS)
+        except BaseException:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)  # bounded: SIGKILL, and it is our child
+            raise
         finally:
             control.close()
         log.debug("warm: no idle process for uid %d; started %d cold", uid, pid)
@@ -295,7 +303,7 @@ class WarmPool:
     async def _run_entry(self, entry: Entry) -> None:
         try:
             with trio.CancelScope() as entry.scope:
-                while not self._stopping:
+                while not self._stopping and self._entries.get(entry.key) is entry:
                     entry.changed = trio.Event()
                     await self._refill(entry)
                     deadline = entry.last_used + entry.idle_timeout
@@ -313,7 +321,8 @@ class WarmPool:
             self._close_entry(entry)
 
     async def _refill(self, entry: Entry) -> None:
-        while len(entry.idle) < entry.size and not self._stopping:
+        while (len(entry.idle) < entry.size and not self._stopping
+               and self._entries.get(entry.key) is entry):
             if entry.failures >= MAX_FAILURES:
                 if entry.failures == MAX_FAILURES:
                     entry.failures += 1  # log once
@@ -344,6 +353,14 @@ class WarmPool:
             self._nursery.start_soon(self._watch, proc)
             log.debug("warm: started idle process %d (%d/%d)", pid, len(entry.idle), entry.size)
             await trio.sleep(0)  # one spawn per turn of the loop: requests go first
+
+    def _evict_lru(self) -> None:
+        victim = min(self._entries.values(), key=lambda e: e.last_used)
+        del self._entries[victim.key]  # its task ends at its next checkpoint and cleans up
+        while victim.idle:
+            self._retire(victim.idle.popleft())
+        if victim.scope is not None:
+            victim.scope.cancel()
 
     def _make_room(self, entry: Entry) -> bool:
         """Under the daemon-wide cap, or evict an idle process of a less recently used key."""

@@ -5,7 +5,8 @@ classes the stdlib runs for fork/spawn/forkserver; we keep the families the issu
 and skip, one by one, the cases that depend on fork semantics or on the stdlib's own
 launcher internals (each with its reason; the list is in docs/multiprocessing.md). The
 whole module shares one daemon: children import this module to unpickle the test
-classes, so nothing here may start anything at import time.
+classes, so nothing here may start anything at import time. No pytest import: the module
+also runs as ``python3.X -m unittest test_mp_cpython`` (in tests/) on other Pythons.
 """
 
 from __future__ import annotations
@@ -19,12 +20,10 @@ import time
 import unittest
 from pathlib import Path
 
-import pytest
-
 try:
     from test import _test_multiprocessing as _tmp  # the interpreter's test package
 except ImportError:  # pragma: no cover - distributions may strip it
-    pytest.skip("this Python does not ship its test package", allow_module_level=True)
+    raise unittest.SkipTest("this Python does not ship its test package") from None
 
 from spawnd_client import mp
 
@@ -72,16 +71,23 @@ def setUpModule() -> None:  # noqa: N802 - unittest's name
     tmp = Path(tempfile.mkdtemp(prefix="spawnd-mpcpython-"))
     path = str(tmp / "spawnd.sock")
     log = tmp / "spawnd.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "spawnd", "serve", "--socket", path, "--stop-grace", "1",
-         "--log-level", "info"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+    # The daemon may run on another Python than the one under test (only the client side
+    # needs the version being tested): SPAWND_TEST_DAEMON_PYTHON=/path/to/python3.11.
+    daemon_python = os.environ.get("SPAWND_TEST_DAEMON_PYTHON", sys.executable)
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [daemon_python, "-m", "spawnd", "serve", "--socket", path, "--stop-grace", "1",
+             "--log-level", "info"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
     _daemon.update(proc=proc, log=log, tmp=tmp, old=os.environ.get("SPAWND_SOCKET"))
     deadline = time.monotonic() + 15
     while not os.path.exists(path):
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
         time.sleep(0.02)
     os.environ["SPAWND_SOCKET"] = path
+    # Register again: other test modules may have made contexts since import, and the
+    # resource tracker starts through the most recent one.
+    mp.register(warm=int(os.environ.get("SPAWND_TEST_WARM", "0")))
     _stdlib_setup()
 
 
@@ -94,6 +100,9 @@ def tearDownModule() -> None:  # noqa: N802
             os.environ.pop("SPAWND_SOCKET", None)
         else:
             os.environ["SPAWND_SOCKET"] = old  # type: ignore[assignment]
+        import spawnd_client
+
+        spawnd_client.default_client().close()  # register() used the default client
         proc: subprocess.Popen = _daemon["proc"]  # type: ignore[assignment]
         log: Path = _daemon["log"]  # type: ignore[assignment]
         proc.terminate()

@@ -89,7 +89,9 @@ def boot_argv(ctx: SpawndContext, prep_data: Mapping[str, Any], socket_path: str
     }
     if o.warm:
         opts["prep"] = {k: prep_data[k] for k in _STATIC_PREP if k in prep_data}
-    code = (f"import sys;sys.path[:0]={_import_roots()!r};"
+    # The package is put in sys.modules uninitialised (see _mp_boot.defer_package_init).
+    code = (f"import sys,importlib.util as u;sys.path[:0]={_import_roots()!r};"
+            "s=u.find_spec('spawnd_client');sys.modules[s.name]=u.module_from_spec(s);"
             f"from spawnd_client._mp_boot import main;main({opts!r})")
     exe = os.fsdecode(spawn.get_executable())
     return [exe, *util._args_from_interpreter_flags(), "-c", code, "--multiprocessing-fork"]
@@ -136,9 +138,9 @@ class Popen:
         return len(self._fds) - 1
 
     def _launch(self, process_obj: Any, ctx: SpawndContext) -> None:
-        from multiprocessing import resource_tracker
+        from ._mp_tracker import getfd_for
 
-        tracker_fd = resource_tracker.getfd()
+        tracker_fd = getfd_for(ctx)
         prep_data = spawn.get_preparation_data(process_obj._name)
         fp = io.BytesIO()
         set_spawning_popen(self)

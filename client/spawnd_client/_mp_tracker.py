@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .client import Child
     from .mp import SpawndContext
 
-__all__ = ["DaemonResourceTracker", "install"]
+__all__ = ["DaemonResourceTracker", "getfd_for", "install"]
 
 _TRACKER_CODE = "from multiprocessing.resource_tracker import main;main(3)"
 _install_lock = threading.Lock()
@@ -44,6 +44,16 @@ class DaemonResourceTracker(_rt.ResourceTracker):
         super().__init__()
         self._spawnd_ctx = ctx
         self._spawnd_child: Child | None = None
+        self._starting = threading.local()  # the context of the process start in progress
+
+    def getfd_for(self, ctx: SpawndContext) -> int:
+        """``getfd()`` for a process start: a tracker launched now uses that start's daemon
+        (the one that will run the child) rather than the last context created."""
+        self._starting.ctx = ctx
+        try:
+            return self.getfd()
+        finally:
+            self._starting.ctx = None
 
     def _launch(self) -> None:
         """Start the tracker (called with the lock held; 3.13.x+ call it by this name)."""
@@ -59,7 +69,7 @@ class DaemonResourceTracker(_rt.ResourceTracker):
                 fds.pop(2, None)
             exe = os.fsdecode(spawn.get_executable())
             argv = [exe, *util._args_from_interpreter_flags(), "-c", _TRACKER_CODE]
-            ctx = self._spawnd_ctx
+            ctx = getattr(self._starting, "ctx", None) or self._spawnd_ctx
             child = spawn_child(ctx.client(), argv, fds, cwd=None, on_disconnect="keep",
                                 grace=ctx.options.grace, warm=None)
         except BaseException:
@@ -77,6 +87,10 @@ class DaemonResourceTracker(_rt.ResourceTracker):
             """Same contract as CPython's: make sure a tracker runs; relaunch a dead one."""
             with self._lock:
                 if _recursing(self._lock):
+                    # A finalizer (gh-109629) interrupted us. With a tracker running the
+                    # caller's write is safe (atomic, < PIPE_BUF); only a launch is not.
+                    if self._fd is not None:
+                        return None
                     return self._reentrant_call_error()
                 if self._fd is not None:
                     if self._check_alive():
@@ -152,3 +166,11 @@ def install(ctx: SpawndContext) -> None:
         _rt.register = new.register
         _rt.unregister = new.unregister
         _rt.getfd = new.getfd
+
+
+def getfd_for(ctx: SpawndContext) -> int:
+    """The tracker fd to pass to a child ``ctx`` starts (launching the tracker if needed)."""
+    tracker = _rt._resource_tracker
+    if isinstance(tracker, DaemonResourceTracker):
+        return tracker.getfd_for(ctx)
+    return tracker.getfd()  # someone replaced it after us: theirs to launch

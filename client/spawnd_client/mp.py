@@ -183,9 +183,9 @@ def get_context(**options: Any) -> SpawndContext:
     if isinstance(options.get("preload"), Iterable) and not isinstance(options["preload"], str):
         options["preload"] = tuple(options["preload"])
     ctx = SpawndContext(Options(**options))
-    from . import _mp_tracker
+    from ._mp_tracker import install  # not "from . import": see _mp_boot.defer_package_init
 
-    _mp_tracker.install(ctx)
+    install(ctx)
     return ctx
 
 

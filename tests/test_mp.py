@@ -1,0 +1,597 @@
+"""The spawnd multiprocessing start method and the daemon's warm pool, end to end.
+
+Children started here import this module to find their targets, so targets that need no
+code of ours are stdlib callables (``operator.neg``, ``time.sleep``, ``sys.exit``...): a
+child then does not pay for importing pytest.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import multiprocessing
+import operator
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from multiprocessing import connection, shared_memory
+from pathlib import Path
+
+import pytest
+from conftest import Daemon, children_of, start_daemon, wait_until
+from spawnd_client import _mp_compat, mp
+
+from spawnd import protocol as P
+
+PY = sys.executable
+
+
+def stop_tracker() -> None:
+    """The resource tracker is per process and started by the daemon of the moment: stop
+    it before that daemon goes (it would wait out the daemon's grace period)."""
+    import gc
+    from multiprocessing import resource_tracker
+
+    gc.collect()  # dead pools' semaphores unregister first, or the tracker unlinks them
+    resource_tracker._resource_tracker._stop()
+
+
+def close_clients() -> None:
+    """Contexts share one client per daemon for the life of the process; close ours."""
+    for c in list(mp._clients.values()):
+        c.close()
+
+
+def stop(d: Daemon) -> str:
+    stop_tracker()
+    close_clients()
+    assert d.stop() == 0, d.log.read_text()
+    log = d.log.read_text()
+    assert "Traceback" not in log, log
+    return log
+
+
+@pytest.fixture(scope="module")
+def mpd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    d = start_daemon(tmp_path_factory.mktemp("mp"), "--stop-grace", "1")
+    yield d
+    stop(d)
+
+
+@pytest.fixture(scope="module")
+def ctx(mpd: Daemon) -> mp.SpawndContext:
+    return mp.get_context(socket=mpd.path)
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(e.decode(errors="replace").partition("=")[::2] for e in raw.split(b"\0") if e)
+
+
+def marked(daemon: Daemon, mark: str) -> set[int]:
+    """The daemon's live pooled processes (idle or handed off) of the warm key ``mark``."""
+    out = set()
+    for pid, state in children_of(daemon.pid):
+        env = environ_of(pid)
+        if state != "Z" and env.get("SPAWND_TEST_MARK") == mark and "SPAWND_WARM_FD" in env:
+            out.add(pid)
+    return out
+
+
+# -- targets that need this module ------------------------------------------------------
+
+def report_start_method(q: multiprocessing.SimpleQueue) -> None:
+    q.put((multiprocessing.get_start_method(), multiprocessing.current_process().name))
+
+
+def client_in_child(q: multiprocessing.Queue, path: str) -> None:
+    import spawnd_client  # the boot deferred the package's __init__: it must run now
+
+    client = spawnd_client.Client(path, autostart=False)
+    q.put((spawnd_client.Client.__name__, spawnd_client.run(["true"], client=client).returncode))
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def _pid(_: object) -> int:
+    return os.getpid()
+
+
+def add_to_value(v, lock, n: int) -> None:
+    for _ in range(n):
+        with lock:
+            v.value += 1
+
+
+def fill_array(a, barrier, event) -> None:
+    barrier.wait()
+    for i in range(len(a)):
+        a[i] = i * 2
+    event.set()
+
+
+def write_shm(name: str) -> None:
+    shm = shared_memory.SharedMemory(name=name)
+    shm.buf[:5] = b"hello"
+    shm.close()
+
+
+def echo_pipe(conn) -> None:
+    conn.send(conn.recv() * 2)
+    conn.close()
+
+
+def use_manager(d, lst) -> None:
+    d["child"] = os.getpid()
+    lst.append("from child")
+
+
+# -- Process ---------------------------------------------------------------------------
+
+def test_exit_codes_are_exact(ctx: mp.SpawndContext) -> None:
+    procs = {
+        0: ctx.Process(target=operator.neg, args=(1,)),
+        3: ctx.Process(target=sys.exit, args=(3,)),
+        1: ctx.Process(target=operator.truediv, args=(1, 0)),  # an exception: 1
+        -signal.SIGKILL: ctx.Process(target=signal.raise_signal, args=(signal.SIGKILL,)),
+        -signal.SIGUSR1: ctx.Process(target=signal.raise_signal, args=(signal.SIGUSR1,)),
+    }
+    for p in procs.values():
+        p.start()
+    for want, p in procs.items():
+        p.join(30)
+        assert p.exitcode == want, (want, p)
+        assert not p.is_alive()
+        p.close()
+
+
+def test_terminate_kill_sentinel(ctx: mp.SpawndContext) -> None:
+    a = ctx.Process(target=time.sleep, args=(60,))
+    b = ctx.Process(target=time.sleep, args=(60,))
+    a.start()
+    b.start()
+    assert a.pid != os.getpid() and a.is_alive()
+    assert connection.wait([a.sentinel, b.sentinel], timeout=0.2) == []
+    a.terminate()
+    assert connection.wait([a.sentinel, b.sentinel], timeout=10) == [a.sentinel]
+    a.join()
+    assert a.exitcode == -signal.SIGTERM
+    b.kill()
+    b.join(10)
+    assert b.exitcode == -signal.SIGKILL
+    assert a.join(0) is None and a.exitcode == -signal.SIGTERM  # stays known
+    a.close()
+    b.close()
+    with pytest.raises(ValueError):
+        a.pid  # noqa: B018 - a closed Process refuses, as with spawn
+
+
+def test_join_timeout_and_poll(ctx: mp.SpawndContext) -> None:
+    p = ctx.Process(target=time.sleep, args=(0.5,))
+    p.start()
+    t = time.monotonic()
+    p.join(0.05)
+    assert p.exitcode is None and time.monotonic() - t < 0.4
+    p.join(30)
+    assert p.exitcode == 0
+
+
+def test_children_see_the_method_and_their_name(ctx: mp.SpawndContext) -> None:
+    q = ctx.SimpleQueue()
+    p = ctx.Process(target=report_start_method, args=(q,), name="worker-7")
+    p.start()
+    assert q.get() == ("spawnd", "worker-7")
+    p.join(30)
+    assert p.exitcode == 0
+
+
+def test_the_client_package_works_in_a_child(ctx: mp.SpawndContext, mpd: Daemon) -> None:
+    q = ctx.Queue()
+    p = ctx.Process(target=client_in_child, args=(q, mpd.path))
+    p.start()
+    assert q.get(timeout=60) == ("Client", 0)
+    p.join(30)
+    assert p.exitcode == 0
+
+
+def test_register_makes_it_a_start_method(mpd: Daemon) -> None:
+    from multiprocessing import context
+
+    saved = context._concrete_contexts.get("spawnd")
+    try:
+        ctx = mp.register(socket=mpd.path)
+        assert multiprocessing.get_context("spawnd") is ctx
+        assert ctx.get_start_method() == "spawnd"
+        q = ctx.SimpleQueue()
+        p = multiprocessing.get_context("spawnd").Process(target=report_start_method, args=(q,))
+        p.start()
+        assert q.get()[0] == "spawnd"
+        p.join(30)
+    finally:
+        if saved is None:
+            context._concrete_contexts.pop("spawnd", None)
+        else:
+            context._concrete_contexts["spawnd"] = saved
+
+
+def test_set_start_method_in_a_program(mpd: Daemon, tmp_path: Path) -> None:
+    """The default context (plain ``multiprocessing.Pool``) after set_start_method."""
+    script = tmp_path / "prog.py"
+    script.write_text(textwrap.dedent(f"""
+        import multiprocessing, os
+        from spawnd_client import mp
+
+        def method(_):
+            return multiprocessing.get_start_method()
+
+        if __name__ == "__main__":
+            mp.register(socket={mpd.path!r})
+            multiprocessing.set_start_method("spawnd")
+            with multiprocessing.Pool(2) as pool:
+                print(sorted(set(pool.map(method, range(4)))))
+    """))
+    out = subprocess.run([PY, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['spawnd']"
+
+
+def test_unsupported_python_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_mp_compat, "_checked", False)
+    monkeypatch.setattr(sys, "version_info", (3, 10, 14, "final", 0))
+    with pytest.raises(mp.UnsupportedPython, match="supports CPython 3.11 to 3.14; this is"):
+        mp.get_context()
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="never outlive"):
+        mp.get_context(on_disconnect="keep")
+    with pytest.raises(ValueError):
+        mp.get_context(warm=17)
+    with pytest.raises(TypeError):
+        mp.get_context(preload="__main__")
+
+
+# -- Pool, executor, synchronisation, shared state ------------------------------------
+
+def test_pool_map(ctx: mp.SpawndContext) -> None:
+    with ctx.Pool(3) as pool:
+        assert pool.map(operator.neg, range(200)) == [-i for i in range(200)]
+        assert pool.apply_async(square, (12,)).get(30) == 144
+        pids = set(pool.map(_pid, range(20), chunksize=1))
+    assert os.getpid() not in pids and 1 <= len(pids) <= 3
+
+
+def test_pool_maxtasksperchild_replaces_workers(ctx: mp.SpawndContext) -> None:
+    with ctx.Pool(2, maxtasksperchild=2) as pool:
+        pids = pool.map(_pid, range(12), chunksize=1)
+    assert len(set(pids)) >= 4  # workers were retired and restarted through the daemon
+
+
+def test_process_pool_executor(ctx: mp.SpawndContext) -> None:
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx) as ex:
+        assert list(ex.map(square, range(50))) == [i * i for i in range(50)]
+        fut = ex.submit(operator.truediv, 1, 0)
+        with pytest.raises(ZeroDivisionError):
+            fut.result(30)
+
+
+def test_process_pool_executor_broken_worker(ctx: mp.SpawndContext) -> None:
+    """A worker killed by a signal: the executor notices through the sentinel (pidfd)."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as ex:
+        fut = ex.submit(signal.raise_signal, signal.SIGKILL)
+        with pytest.raises(concurrent.futures.process.BrokenProcessPool):
+            fut.result(60)
+
+
+def test_queue_lock_value_event_barrier_array(ctx: mp.SpawndContext) -> None:
+    v = ctx.Value("i", 0)
+    lock = ctx.Lock()
+    procs = [ctx.Process(target=add_to_value, args=(v, lock, 200)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert v.value == 600
+    a = ctx.Array("i", 8)
+    barrier = ctx.Barrier(2)
+    event = ctx.Event()
+    p = ctx.Process(target=fill_array, args=(a, barrier, event))
+    p.start()
+    barrier.wait(30)
+    assert event.wait(30)
+    assert a[:] == [i * 2 for i in range(8)]
+    p.join(30)
+    q = ctx.Queue()
+    p = ctx.Process(target=q.put, args=({"x": [1, 2, 3]},))
+    p.start()
+    assert q.get(timeout=30) == {"x": [1, 2, 3]}
+    p.join(30)
+
+
+def test_pipe_and_shared_memory(ctx: mp.SpawndContext) -> None:
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=echo_pipe, args=(child,))
+    p.start()
+    child.close()
+    parent.send("ab")
+    assert parent.recv() == "abab"
+    p.join(30)
+    shm = shared_memory.SharedMemory(create=True, size=16)
+    try:
+        p = ctx.Process(target=write_shm, args=(shm.name,))
+        p.start()
+        p.join(30)
+        assert p.exitcode == 0
+        assert bytes(shm.buf[:5]) == b"hello"
+    finally:
+        shm.close()
+        shm.unlink()
+
+
+def test_manager(ctx: mp.SpawndContext, mpd: Daemon) -> None:
+    with ctx.Manager() as manager:
+        server = manager._process  # the Manager's server process is started by the daemon
+        assert server.pid in {pid for pid, _ in children_of(mpd.pid)}
+        d = manager.dict()
+        lst = manager.list()
+        p = ctx.Process(target=use_manager, args=(d, lst))
+        p.start()
+        p.join(30)
+        assert d["child"] == p.pid and list(lst) == ["from child"]
+
+
+# -- parent death ------------------------------------------------------------------------
+
+PARENT = """
+import os, sys, time
+from multiprocessing import shared_memory
+from spawnd_client import mp
+
+if __name__ == "__main__":
+    ctx = mp.get_context(socket={path!r}, on_disconnect={how!r}, grace=1.0)
+    pool = ctx.Pool(2)
+    pool.map(abs, range(4))
+    lone = ctx.Process(target=time.sleep, args=(120,))
+    lone.start()
+    shm = shared_memory.SharedMemory(name={shm!r}, create=True, size=64)  # never unlinked
+    from multiprocessing import resource_tracker
+    pids = [p.pid for p in pool._pool] + [lone.pid, resource_tracker._resource_tracker._pid]
+    print(" ".join(map(str, pids)), flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("how", ["terminate", "kill"])
+def test_parent_sigkill_ends_its_workers(mpd: Daemon, tmp_path: Path, how: str) -> None:
+    shm = f"spawnd-test-{uuid.uuid4().hex[:8]}"
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT.format(path=mpd.path, how=how, shm=shm))
+    parent = subprocess.Popen([PY, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = parent.stdout.readline()  # type: ignore[union-attr]
+        *workers, tracker = map(int, line.split())
+        assert len(workers) == 3 and all(os.path.exists(f"/proc/{w}") for w in workers)
+        parent.kill()
+        parent.wait()
+        alive = lambda: [w for w in workers if w in {p for p, _ in children_of(mpd.pid)}]  # noqa: E731
+        assert wait_until(lambda: not alive(), 10), alive()
+        # With every write end gone the tracker cleans up what the parent leaked, and exits.
+        assert wait_until(lambda: not os.path.exists(f"/dev/shm/{shm}"), 10)
+        assert wait_until(lambda: tracker not in {p for p, _ in children_of(mpd.pid)}, 10)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if os.path.exists(f"/dev/shm/{shm}"):
+            os.unlink(f"/dev/shm/{shm}")
+
+
+# -- the warm pool -----------------------------------------------------------------------
+
+@pytest.fixture
+def mark(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh environment, hence a warm pool key of our own, findable in /proc."""
+    value = uuid.uuid4().hex
+    monkeypatch.setenv("SPAWND_TEST_MARK", value)
+    return value
+
+
+def test_warm_start_is_served_by_a_prestarted_process(mpd: Daemon, mark: str) -> None:
+    ctx = mp.get_context(socket=mpd.path, warm=2, idle_timeout=60)
+    ctx.prewarm()  # a cold start through the handoff; the daemon fills the pool
+    assert wait_until(lambda: len(marked(mpd, mark)) == 2, 30)
+    idle = marked(mpd, mark)
+    q = ctx.SimpleQueue()
+    p = ctx.Process(target=report_start_method, args=(q,), name="warm-one")
+    p.start()
+    assert p.pid in idle  # started before we asked: handed over, not spawned
+    assert q.get() == ("spawnd", "warm-one")
+    p.join(30)
+    assert p.exitcode == 0
+    assert f"warm: handed idle {p.pid} " in mpd.log.read_text()
+    assert wait_until(lambda: len(marked(mpd, mark)) == 2, 30)  # refilled in the background
+    assert p.pid not in marked(mpd, mark)
+
+
+def test_warm_pool_keys_differ_with_env(mpd: Daemon, mark: str,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx = mp.get_context(socket=mpd.path, warm=1, idle_timeout=60)
+    ctx.prewarm()
+    assert wait_until(lambda: len(marked(mpd, mark)) == 1, 30)
+    first_pool = marked(mpd, mark)
+    monkeypatch.setenv("SPAWND_TEST_OTHER", "1")  # same context, different environment
+    p = ctx.Process(target=time.sleep, args=(0,))
+    p.start()
+    assert p.pid not in first_pool
+    p.join(30)
+    assert environ_of(next(iter(first_pool))).get("SPAWND_TEST_OTHER") is None
+    monkeypatch.delenv("SPAWND_TEST_OTHER")
+    p = ctx.Process(target=time.sleep, args=(0,))
+    p.start()
+    assert p.pid in first_pool
+    p.join(30)
+
+
+def test_warm_pool_idle_timeout_empties_it(mpd: Daemon, mark: str) -> None:
+    ctx = mp.get_context(socket=mpd.path, warm=2, idle_timeout=1.0)
+    ctx.prewarm()
+    assert wait_until(lambda: len(marked(mpd, mark)) == 2, 30)
+    assert wait_until(lambda: not marked(mpd, mark), 15)
+
+
+def test_warm_processes_get_the_same_fds_and_stdio(mpd: Daemon, mark: str,
+                                                   tmp_path: Path) -> None:
+    """A warm child's output goes where a cold child's would; nothing else leaks in."""
+    script = tmp_path / "out.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        from spawnd_client import mp
+
+        def show():
+            print("fds", sorted(int(f) for f in os.listdir("/proc/self/fd")), flush=True)
+            print("to stderr", file=sys.stderr, flush=True)
+
+        if __name__ == "__main__":
+            ctx = mp.get_context(socket={mpd.path!r}, warm=int(sys.argv[1]))
+            ctx.prewarm()
+            import time; time.sleep(1.5)  # let the pool fill
+            p = ctx.Process(target=show)
+            p.start(); p.join()
+            sys.exit(p.exitcode)
+    """))
+    outs = []
+    for warm in ("0", "2"):
+        r = subprocess.run([PY, str(script), warm], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr.strip().splitlines()[-1] == "to stderr"
+        outs.append(r.stdout.strip().splitlines()[-1])
+    assert outs[0] == outs[1], outs  # the same fd table, warm or cold
+
+
+def test_pool_max_zero_serves_every_warm_start_cold(tmp_path: Path, mark: str) -> None:
+    d = start_daemon(tmp_path, "--pool-max", "0", "--stop-grace", "1")
+    try:
+        ctx = mp.get_context(socket=d.path, warm=4)
+        with ctx.Pool(2) as pool:
+            assert pool.map(operator.neg, range(10)) == [-i for i in range(10)]
+        del pool  # its semaphores unregister before the tracker stops
+        assert not marked(d, mark)  # nothing idle was kept
+    finally:
+        log = stop(d)
+    assert "warm: no idle process" in log and "warm: handed idle" not in log
+
+
+def test_daemon_stop_reaps_idle_warm_processes(tmp_path: Path, mark: str) -> None:
+    d = start_daemon(tmp_path, "--stop-grace", "1")
+    ctx = mp.get_context(socket=d.path, warm=3)
+    ctx.prewarm()
+    assert wait_until(lambda: len(marked(d, mark)) == 3, 30)
+    idle = marked(d, mark)
+    stop(d)
+    assert all(not os.path.exists(f"/proc/{pid}") for pid in idle)
+
+
+def test_warm_request_validation() -> None:
+    conn = P.Connection("server")
+    conn.receive_data(P.Connection("client").send(P.Hello()))
+    assert isinstance(conn.next_event(), P.Hello)
+
+    def parse(warm: object) -> P.Spawn:
+        body = P.Connection("client").send(P.Spawn(id=1, argv=(b"x",)))
+        import msgpack
+
+        m = msgpack.unpackb(body[4:])
+        m["warm"] = warm
+        raw = msgpack.packb(m, use_bin_type=True)
+        conn.receive_data(P.HEADER.pack(len(raw)) + raw)
+        ev = conn.next_event()
+        assert isinstance(ev, P.Spawn)
+        return ev
+
+    assert parse({"size": 3}).warm == {"size": 3, "idle_timeout": P.DEFAULT_WARM_IDLE}
+    for bad in ({"size": P.MAX_WARM_SIZE + 1}, {"size": -1}, {"idle_timeout": 0},
+                {"idle_timeout": 1e9}, {"size": 1, "preload": []}, [1], {"size": True}):
+        with pytest.raises(P.ProtocolError) as e:
+            parse(bad)
+        assert e.value.errno == errno.EINVAL and e.value.field.startswith("warm")
+
+
+# -- the no-fork guarantee -------------------------------------------------------------
+
+NOFORK = """
+import threading, time, concurrent.futures, operator
+from multiprocessing import shared_memory
+from spawnd_client import mp
+
+if __name__ == "__main__":
+    stop = threading.Event()
+    def busy():
+        while not stop.is_set():
+            time.sleep(0.001)
+    threads = [threading.Thread(target=busy) for _ in range(16)]
+    for t in threads:
+        t.start()
+    ctx = mp.get_context(socket={path!r}, warm={warm})
+    with ctx.Pool(4) as pool:
+        assert pool.map(operator.neg, range(1000)) == [-i for i in range(1000)]
+    with concurrent.futures.ProcessPoolExecutor(4, mp_context=ctx) as ex:
+        assert sum(ex.map(abs, range(100))) == 4950
+    with ctx.Manager() as m:
+        m.dict()["k"] = 1
+    shm = shared_memory.SharedMemory(create=True, size=8)  # the resource tracker
+    shm.close(); shm.unlink()
+    stop.set()
+    for t in threads:
+        t.join()
+    print("ok")
+"""
+
+
+@pytest.mark.parametrize("warm", [0, 2])
+def test_no_fork_under_strace(mpd: Daemon, tmp_path: Path, warm: int) -> None:
+    """Every clone the 16-thread parent makes is a thread: workers, the Manager's server
+    and the resource tracker all come from the daemon."""
+    if not os.path.exists("/usr/bin/strace"):
+        pytest.skip("strace is not installed (scripts/setup.sh installs it)")
+    script = tmp_path / "nofork.py"
+    script.write_text(NOFORK.format(path=mpd.path, warm=warm))
+    trace = tmp_path / "trace"
+    r = subprocess.run(["strace", "-f", "-qq", "-e", "trace=fork,vfork,clone,clone3", "-o",
+                        str(trace), PY, str(script)], capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    calls = [ln for ln in trace.read_text().splitlines()
+             if any(f" {c}(" in ln or ln.split(None, 1)[-1].startswith(c + "(")
+                    for c in ("fork", "vfork", "clone", "clone3"))]
+    assert len(calls) >= 16, "strace saw too few clones: the check would be vacuous"
+    offenders = [ln for ln in calls if "CLONE_THREAD" not in ln]
+    assert not offenders, offenders
+
+
+def test_many_threads_start_processes_concurrently(ctx: mp.SpawndContext) -> None:
+    results: list[int | None] = []
+
+    def one() -> None:
+        p = ctx.Process(target=sys.exit, args=(5,))
+        p.start()
+        p.join(60)
+        results.append(p.exitcode)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [5] * 8
