@@ -9,6 +9,8 @@ to its owner if it still has one.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import os
 import signal
@@ -43,12 +45,29 @@ def returncode_of(info: os.waitid_result) -> int:
     return -info.si_status
 
 
+TRIM_AFTER = 256  # children alive at once before an empty table gives memory back
+
+
+def _give_back_memory() -> None:
+    """After a burst of children, return freed heap to the OS so idle RSS comes back.
+
+    Freed per-child objects (tasks, cancel scopes, pidfd registrations) stay in glibc's
+    heap otherwise; the daemon is long-lived and its idle memory is the user's.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class ChildTable:
     """Owns every child's pidfd and watcher task; lives in the server's nursery."""
 
     def __init__(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
         self._by_pid: dict[int, Child] = {}
+        self._peak = 0  # most children alive at once since the table was last empty
         self._per_uid: dict[int, int] = {}
         self._changed = trio.Event()
 
@@ -78,6 +97,7 @@ class ChildTable:
         child = Child(pid=pid, pidfd=pidfd, uid=uid, request_id=request_id,
                       on_disconnect=on_disconnect, grace=grace, on_exit=on_exit, owner=owner)
         self._by_pid[pid] = child
+        self._peak = max(self._peak, len(self._by_pid))
         self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
         self._nursery.start_soon(self._watch, child)
         return child
@@ -118,6 +138,9 @@ class ChildTable:
         child.pidfd = -1
         self._changed.set()
         self._changed = trio.Event()
+        if not self._by_pid and self._peak >= TRIM_AFTER:
+            self._peak = 0
+            _give_back_memory()
 
     def signal(self, child: Child, sig: int) -> None:
         """Signal through the pidfd: it can never hit a recycled pid."""
