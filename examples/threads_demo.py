@@ -20,7 +20,7 @@ def main() -> None:
     for t in threads:
         t.join()
     dt = time.perf_counter() - t0
-    for n, rc, out in sorted(results):
+    for _n, rc, out in sorted(results):
         print(f"  {out!r:14} exit {rc}")
     print(f"16 threads, 16 children in {dt * 1000:.1f} ms")
     try:

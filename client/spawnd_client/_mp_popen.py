@@ -156,6 +156,11 @@ class Popen:
         o = ctx.options
         ours, theirs = socket.socketpair()
         try:
+            # Write the payload before asking for the process, as far as the socket buffer
+            # takes it: a warm process then finds it waiting at the handoff and unpickles
+            # while the reply is still on its way to us. The rest follows the reply.
+            payload = memoryview(fp.getbuffer())
+            sent = self._send_ahead(ours, payload)
             fds = {PAYLOAD_FD: theirs.fileno(), TRACKER_FD: tracker_fd}
             for std in (1, 2):
                 if _is_open(std):
@@ -176,10 +181,23 @@ class Popen:
             child.kill()
             raise OSError("spawnd sent no pidfd for the child (Linux >= 5.3 is needed)")
         self.sentinel = child.pidfd
+        if sent < len(payload):
+            ours.setblocking(True)
+            ours.sendall(payload[sent:])
+
+    def _send_ahead(self, sock: socket.socket, payload: memoryview) -> int:
+        """Send the header (with the passed fds) and as much of ``payload`` as fits now."""
         anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", self._fds))]
                if self._fds else [])
-        ours.sendmsg([PAYLOAD_HEADER.pack(PAYLOAD_MAGIC, len(self._fds))], anc)
-        ours.sendall(fp.getbuffer())
+        sock.sendmsg([PAYLOAD_HEADER.pack(PAYLOAD_MAGIC, len(self._fds))], anc)  # 8 bytes
+        sock.setblocking(False)
+        sent = 0
+        try:
+            while sent < len(payload):
+                sent += sock.send(payload[sent:])
+        except BlockingIOError:
+            pass
+        return sent
 
     # -- the process's state
     def poll(self, flag: int = os.WNOHANG) -> int | None:
