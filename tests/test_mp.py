@@ -320,6 +320,20 @@ def test_queue_lock_value_event_barrier_array(ctx: mp.SpawndContext) -> None:
     p.join(30)
 
 
+@pytest.mark.parametrize("warm", [0, 1])
+def test_large_payload(mpd: Daemon, warm: int) -> None:
+    """A process object bigger than the socket buffer: part is sent ahead of the start,
+    the rest after the reply (the child is reading by then)."""
+    ctx = mp.get_context(socket=mpd.path, warm=warm)
+    big = os.urandom(8 << 20)
+    q = ctx.Queue()
+    p = ctx.Process(target=q.put, args=(big,))
+    p.start()
+    assert q.get(timeout=60) == big
+    p.join(30)
+    assert p.exitcode == 0
+
+
 def test_pipe_and_shared_memory(ctx: mp.SpawndContext) -> None:
     parent, child = ctx.Pipe()
     p = ctx.Process(target=echo_pipe, args=(child,))

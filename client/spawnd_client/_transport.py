@@ -86,9 +86,10 @@ class Transport:
         self.proto = P.Connection("client")
         self._send_lock = threading.Lock()
         self._ids = itertools.count(1)
-        # _cond guards everything below; a thread holds it except while blocked reading.
-        self._cond = threading.Condition(threading.Lock())
+        # _lock guards everything below; a thread holds it except while blocked reading.
+        self._lock = threading.Lock()
         self._reading = False
+        self._followers: dict[threading.Condition, Callable[[], bool]] = {}
         self._waiters: dict[int, _Waiter] = {}
         self.broken: BaseException | None = None
         self.daemon_pid: int | None = None
@@ -138,7 +139,7 @@ class Transport:
         data = self.proto.send(event)
         check_frame_size(data)  # the daemon would drop the whole connection for it
         w = _Waiter(on_spawned)
-        with self._cond:
+        with self._lock:
             if self.broken is not None:
                 raise self._lost()
             self._waiters[rid] = w
@@ -148,13 +149,13 @@ class Transport:
             if isinstance(e, (BrokenPipeError, ConnectionResetError)):
                 # Closed on us: read why (a refusal the daemon sent first), up to its EOF.
                 self.wait_for(lambda: self.broken is not None, CLOSE_READ_TIMEOUT)
-            with self._cond:
+            with self._lock:
                 self._waiters.pop(rid, None)
                 self._fail(e)
                 lost = self._lost()
             raise lost from e
         if not self.wait_for(lambda: w.done, timeout):
-            with self._cond:
+            with self._lock:
                 self._waiters.pop(rid, None)
             raise TimeoutError(f"spawnd did not answer request {rid} within {timeout}s")
         if isinstance(w.reply, BaseException):
@@ -167,32 +168,52 @@ class Transport:
     def wait_for(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
         """Block until ``done()`` (checked under the lock), reading the socket if nobody is.
 
-        Returns False on timeout. ``timeout=0`` drains what has already arrived.
+        Returns False on timeout. ``timeout=0`` drains what has already arrived. Followers
+        sleep on their own condition: a read wakes only those whose wait it ended, and a
+        leaving reader hands the socket to one waiting thread (no thundering herd).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while not done():
-                remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
-                if self.broken is not None and not self._reading:
-                    return done()
-                if not self._reading:
-                    self._reading = True
-                    try:
-                        self._read_once(remaining)
-                    finally:
-                        self._reading = False
-                        self._cond.notify_all()
-                elif remaining == 0:
-                    return done()
-                else:
-                    self._cond.wait(remaining)
-                if deadline is not None and time.monotonic() >= deadline:
-                    return done()
-            return True
+        me: threading.Condition | None = None
+        with self._lock:
+            try:
+                while not done():
+                    remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
+                    if self.broken is not None and not self._reading:
+                        return done()
+                    if not self._reading:
+                        self._reading = True
+                        try:
+                            self._read_once(remaining)
+                        finally:
+                            self._reading = False
+                            self._wake(lambda d: d())
+                    elif remaining == 0:
+                        return done()
+                    else:
+                        if me is None:
+                            me = threading.Condition(self._lock)
+                            self._followers[me] = done
+                        me.wait(remaining)
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return done()
+                return True
+            finally:
+                if me is not None:
+                    del self._followers[me]
+                if not self._reading:  # leaving: someone still waiting must read next
+                    self._wake(lambda d: not d(), first_only=True)
+
+    def _wake(self, which: Callable[[Callable[[], bool]], bool], first_only: bool = False) -> None:
+        """Notify followers whose predicate satisfies ``which`` (lock held)."""
+        for cond, done in self._followers.items():
+            if which(done):
+                cond.notify()
+                if first_only:
+                    return
 
     def _read_once(self, timeout: float | None) -> None:
         """Called with the lock held and ``_reading`` set; drops the lock while blocked."""
-        self._cond.release()
+        self._lock.release()
         try:
             if not select.select([self.sock], [], [], timeout)[0]:
                 return
@@ -205,7 +226,7 @@ class Transport:
         else:
             error = None
         finally:
-            self._cond.acquire()
+            self._lock.acquire()
         if error is not None:
             self._fail(error)
             return
@@ -267,7 +288,7 @@ class Transport:
         self.exit_handlers.clear()
         for h in handlers:
             h(reason)
-        self._cond.notify_all()
+        self._wake(lambda d: True)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -282,7 +303,7 @@ class Transport:
         return DaemonConnectionError(f"connection to spawnd lost: {self.broken}")
 
     def close(self) -> None:
-        with self._cond:
+        with self._lock:
             self._fail(DaemonConnectionError("client closed the connection"))
             fds = self.proto.take_unclaimed_fds()
         self.sock.close()
