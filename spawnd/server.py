@@ -264,6 +264,10 @@ class ConnectionHandler:
         self.outbox_send, self.outbox = trio.open_memory_channel[tuple[bytes, list[int]]](
             float("inf"))
         self.scope = trio.CancelScope()
+        # A second handle on the same fd, for synchronous non-blocking sends (detached, not
+        # closed, when the connection ends: trio's socket owns the fd).
+        self._raw = socket.socket(fileno=sock.fileno())
+        self._writing = False  # the writer task is between taking a frame and finishing it
         self._drained = trio.Event()  # set by the writer each time it has sent something
 
     def close_soon(self) -> None:
@@ -280,10 +284,31 @@ class ConnectionHandler:
         The queue is bounded by the client's live children (one exit each) plus
         ``MAX_BACKLOG`` replies: beyond that the reader waits for the writer.
         """
+        data = self.proto.send(event)
+        fds = fds or []
+        if not self._writing and not self.outbox_send.statistics().current_buffer_used:
+            # Fast path: nothing queued, so write now instead of waking the writer task
+            # (a reply costs one syscall, not a task switch). What does not fit is queued.
+            data, fds = self._send_now(data, fds)
+            if not data:
+                return
         try:
-            self.outbox_send.send_nowait((self.proto.send(event), fds or []))
+            self.outbox_send.send_nowait((data, fds))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
+            _close_all(fds)
+
+    def _send_now(self, data: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+        """Non-blocking write; returns what is left to queue (fds go with the first byte)."""
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        try:
+            sent = self._raw.sendmsg([data], anc, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return data, fds
+        except OSError:  # the peer is gone: the reader sees EOF and ends the connection
+            _close_all(fds)
+            return b"", []
+        _close_all(fds)
+        return data[sent:], []
 
     async def run(self) -> None:
         self.server.connections.add(self)
@@ -303,6 +328,7 @@ class ConnectionHandler:
             for _, fds in self._drain():
                 _close_all(fds)
             _close_all(self.proto.take_unclaimed_fds())
+            self._raw.detach()
             self.sock.close()
             self.server.poke()
 
@@ -317,6 +343,7 @@ class ConnectionHandler:
     async def _writer(self) -> None:
         try:
             async for data, fds in self.outbox:
+                self._writing = True
                 try:
                     anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
                            if fds else [])
@@ -325,6 +352,7 @@ class ConnectionHandler:
                     while sent < len(view):
                         sent += await self.sock.send(view[sent:])
                 finally:
+                    self._writing = False
                     _close_all(fds)  # our copies (e.g. dup'd pidfds) are done once sent
                 self._drained.set()
         except (BrokenPipeError, ConnectionResetError):
