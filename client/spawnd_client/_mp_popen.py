@@ -49,23 +49,9 @@ _STATIC_PREP = ("sys_path", "sys_argv", "orig_dir", "dir", "init_main_from_name"
 def spawn_child(client: Client, argv: list[str], fds: Mapping[int, int], *,
                 cwd: str | None, on_disconnect: str, grace: float,
                 warm: dict[str, Any] | None) -> Child:
-    """``Client.spawn`` plus the ``warm`` request field (the one thing it cannot send)."""
-    from .client import Child, spawn_request
-
-    t = client.transport()
-    rid = t.next_id()
-    req, send_fds = spawn_request(
-        rid, argv, env=None, fds=fds, executable=None, cwd=cwd, extra_groups=None,
-        capabilities=(), rlimits=None, on_disconnect=on_disconnect, grace=grace,
-        want_pidfd=True, warm=warm)
-
-    def adopt(ev: Any) -> Child:
-        pidfd = ev.fds_received[0] if ev.pidfd and ev.fds_received else None
-        child = Child(client, t, ev.pid, pidfd, argv)
-        t.exit_handlers[rid] = child._on_exit
-        return child
-
-    return t.request(req, send_fds, on_spawned=adopt)
+    """Start one boot process: our env (``env=None``), the given fds, maybe from the pool."""
+    return client.spawn(argv, fds=fds, cwd=cwd, on_disconnect=on_disconnect, grace=grace,
+                        warm=warm)
 
 
 def _import_roots() -> list[str]:

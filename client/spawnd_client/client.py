@@ -177,12 +177,15 @@ class Client:
               user: int | None = None, group: int | None = None,
               extra_groups: Iterable[int] | None = None, umask: int | None = None,
               capabilities: Iterable[str] = (), rlimits: Mapping[str, tuple[int, int]] | None = None,
-              no_new_privs: bool = False, args: Any = None) -> Child:
+              no_new_privs: bool = False, warm: Mapping[str, Any] | None = None,
+              args: Any = None) -> Child:
         """Start a child; raises ``FileNotFoundError`` etc. at once if it cannot run.
 
         ``fds`` maps the child's fd numbers to our fds (sent with SCM_RIGHTS); the child
         gets those and nothing else (0-2 not given are ``/dev/null``). ``env`` None sends
-        our own environment.
+        our own environment. ``warm`` (``{"size": n, "idle_timeout": s}``) lets the daemon
+        serve this request from pre-started identical processes; the program must follow
+        the warm handoff contract (see docs/multiprocessing.md).
         """
         t = self.transport()
         rid = t.next_id()
@@ -191,7 +194,8 @@ class Client:
             start_new_session=start_new_session, process_group=process_group,
             on_disconnect=on_disconnect, grace=grace, want_pidfd=want_pidfd, user=user,
             group=group, extra_groups=extra_groups, umask=umask, capabilities=capabilities,
-            rlimits=rlimits, no_new_privs=no_new_privs)
+            rlimits=rlimits, no_new_privs=no_new_privs,
+            warm=None if warm is None else dict(warm))
 
         def adopt(ev: P.Spawned) -> Child:
             pidfd = ev.fds_received[0] if ev.pidfd and ev.fds_received else None
