@@ -64,8 +64,9 @@ def _give_back_memory() -> None:
 class ChildTable:
     """Owns every child's pidfd and watcher task; lives in the server's nursery."""
 
-    def __init__(self, nursery: trio.Nursery) -> None:
+    def __init__(self, nursery: trio.Nursery, on_change: Callable[[], None] = lambda: None) -> None:
         self._nursery = nursery
+        self._on_change = on_change  # told after every reap (idle exit, status)
         self._by_pid: dict[int, Child] = {}
         self._peak = 0  # most children alive at once since the table was last empty
         self._per_uid: dict[int, int] = {}
@@ -138,6 +139,7 @@ class ChildTable:
         child.pidfd = -1
         self._changed.set()
         self._changed = trio.Event()
+        self._on_change()
         if not self._by_pid and self._peak >= TRIM_AFTER:
             self._peak = 0
             _give_back_memory()

@@ -19,7 +19,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -115,7 +115,7 @@ class Server:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as root:
-            self.children = ChildTable(root)
+            self.children = ChildTable(root, on_change=self.poke)
             self.pool = WarmPool(root, self.options.pool_max)  # refills run under the root
             async with trio.open_nursery() as conns:
                 async with trio.open_nursery() as helpers:
@@ -226,6 +226,7 @@ class Server:
         self.stop()
 
     async def _idle_exit(self, seconds: float) -> None:
+        """Exit after ``seconds`` with no connection and no child (every reap pokes us)."""
         while True:
             if not self.connections and not len(self.children):
                 with trio.move_on_after(seconds):
@@ -236,18 +237,7 @@ class Server:
                     self.stop()
                     return
             else:
-                await self._until_busy_changes()
-
-    async def _until_busy_changes(self) -> None:
-        """Until a connection opens/closes or the last child is reaped. The reap of an
-        orphaned child (on_disconnect="keep", client gone) pokes nobody: watch the table."""
-        async with trio.open_nursery() as n:
-            async def first(wait: Callable[[], Awaitable[object]]) -> None:
-                await wait()
-                n.cancel_scope.cancel()
-
-            n.start_soon(first, self._activity.wait)
-            n.start_soon(first, lambda: self.children.wait_until(lambda: not len(self.children)))
+                await self._activity.wait()
 
 
 class ConnectionHandler:
@@ -538,7 +528,6 @@ class ConnectionHandler:
     def _child_exited(self, child: Child) -> None:
         assert child.returncode is not None
         self.send(P.Exit(id=child.request_id, pid=child.pid, returncode=child.returncode))
-        self.server.poke()
 
     def _signal(self, req: P.Signal) -> None:
         child = self.server.children.get(req.pid)
