@@ -31,7 +31,6 @@ run in one task per key in the server's root nursery; the request path never wai
 
 from __future__ import annotations
 
-import array
 import errno
 import fcntl
 import logging
@@ -45,7 +44,7 @@ from typing import Any
 
 import trio
 
-from . import spawner
+from . import fdpass, spawner
 from .spawner import SpawnError, SpawnSpec
 
 log = logging.getLogger("spawnd")
@@ -239,7 +238,7 @@ class WarmPool:
         """Send the fds and their targets; False if the process is gone (its end is closed)."""
         msg = HANDOFF_HEADER.pack(HANDOFF_MAGIC, len(targets)) + struct.pack(
             f"<{len(targets)}i", *targets)
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", sources))] if sources else []
+        anc = fdpass.ancillary(sources)
         try:
             # Never blocks: the socket is fresh and this is the only message it ever carries.
             control.sendmsg([msg], anc)

@@ -11,7 +11,6 @@ Task tree (every task has one owner)::
 
 from __future__ import annotations
 
-import array
 import errno
 import logging
 import os
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 
 import trio
 
-from . import privileged, spawner
+from . import fdpass, privileged, spawner
 from . import protocol as P
 from .activation import Notifier
 from .children import Child, ChildTable
@@ -289,7 +288,7 @@ class ConnectionHandler:
 
     def _send_now(self, data: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
         """Non-blocking write; returns what is left to queue (fds go with the first byte)."""
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        anc = fdpass.ancillary(fds)
         try:
             sent = self._raw.sendmsg([data], anc, socket.MSG_DONTWAIT)
         except BlockingIOError:
@@ -335,8 +334,7 @@ class ConnectionHandler:
             async for data, fds in self.outbox:
                 self._writing = True
                 try:
-                    anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                           if fds else [])
+                    anc = fdpass.ancillary(fds)
                     view = memoryview(data)
                     sent = await self.sock.sendmsg([view], anc)
                     while sent < len(view):
@@ -356,12 +354,7 @@ class ConnectionHandler:
                                                           socket.MSG_CMSG_CLOEXEC)
         except ConnectionResetError:  # closed with our replies unread: just a disconnect
             return b"", []
-        fds: list[int] = []
-        for level, kind, blob in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                a = array.array("i")
-                a.frombytes(blob[: len(blob) - len(blob) % a.itemsize])
-                fds.extend(a)
+        fds = fdpass.received_fds(anc)
         if flags & socket.MSG_CTRUNC:
             _close_all(fds)
             raise P.ProtocolError("control message truncated (too many fds, or the daemon "

@@ -31,7 +31,7 @@ SETPRIV = shutil.which("setpriv")
 USERADD = shutil.which("useradd")
 
 #: The only spawnd modules a client may need.
-CLIENT_SPAWND_MODULES = ("__init__.py", "protocol.py", "paths.py")
+CLIENT_SPAWND_MODULES = ("__init__.py", "protocol.py", "paths.py", "fdpass.py")
 
 
 def missing_prerequisite() -> str | None:

@@ -25,7 +25,6 @@ exactly like a cold child.
 
 from __future__ import annotations
 
-import array
 import errno
 import os
 import socket
@@ -34,6 +33,8 @@ import sys
 import types
 from collections.abc import Iterable, Mapping
 from typing import Any, NoReturn
+
+from spawnd import fdpass
 
 PAYLOAD_FD = 3
 TRACKER_FD = 4
@@ -120,16 +121,6 @@ def _is_open(fd: int) -> bool:
     return True
 
 
-def _fds_in(ancdata: Iterable[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, blob in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            a = array.array("i")
-            a.frombytes(blob[: len(blob) - len(blob) % a.itemsize])
-            fds.extend(a)
-    return fds
-
-
 def _preload(prep: Mapping[str, Any], modules: Iterable[str]) -> None:
     """Import what a child of this parent will need, as ``prepare()`` would, ahead of time.
 
@@ -182,7 +173,7 @@ def _await_handoff(ctl: int) -> None:
         sock.close()
     if not msg:  # retired by the daemon (idle timeout, shutdown) before any request
         os._exit(0)
-    fds = _fds_in(anc)
+    fds = fdpass.received_fds(anc)
     magic, n = HANDOFF_HEADER.unpack_from(msg)
     targets = struct.unpack_from(f"<{n}i", msg, HANDOFF_HEADER.size)
     if magic != HANDOFF_MAGIC or len(fds) != n or flags & socket.MSG_CTRUNC:
@@ -214,7 +205,7 @@ def _receive_fds(fd: int) -> list[int]:
             msg, anc, flags, _ = sock.recvmsg(PAYLOAD_HEADER.size - len(header),
                                               socket.CMSG_SPACE(4 * MAX_PASSED_FDS),
                                               socket.MSG_CMSG_CLOEXEC)
-            fds.extend(_fds_in(anc))
+            fds.extend(fdpass.received_fds(anc))
             if flags & socket.MSG_CTRUNC:
                 raise OSError(errno.EMFILE, "fds passed by the parent were lost (MSG_CTRUNC)")
             if not msg:

@@ -10,7 +10,6 @@ daemon's exit event), and the payload travels on a socket so the passed fds can 
 
 from __future__ import annotations
 
-import array
 import io
 import os
 import select
@@ -20,6 +19,8 @@ from collections.abc import Mapping
 from multiprocessing import spawn, util
 from multiprocessing.context import reduction, set_spawning_popen
 from typing import TYPE_CHECKING, Any
+
+from spawnd import fdpass
 
 from ._mp_boot import (
     MAX_PASSED_FDS,
@@ -173,8 +174,7 @@ class Popen:
 
     def _send_ahead(self, sock: socket.socket, payload: memoryview) -> int:
         """Send the header (with the passed fds) and as much of ``payload`` as fits now."""
-        anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", self._fds))]
-               if self._fds else [])
+        anc = fdpass.ancillary(self._fds)
         sock.sendmsg([PAYLOAD_HEADER.pack(PAYLOAD_MAGIC, len(self._fds))], anc)  # 8 bytes
         sock.setblocking(False)
         sent = 0

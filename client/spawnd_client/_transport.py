@@ -10,7 +10,6 @@ fds always travel in one ``sendmsg``. The client never creates a process of its 
 
 from __future__ import annotations
 
-import array
 import errno
 import fcntl
 import itertools
@@ -22,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from spawnd import fdpass
 from spawnd import protocol as P
 
 from .errors import DaemonConnectionError, DaemonUnavailable, error_to_exception
@@ -121,7 +121,7 @@ class Transport:
         self._send_bytes(self.proto.send(event), fds)
 
     def _send_bytes(self, data: bytes, fds: list[int]) -> None:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        anc = fdpass.ancillary(fds)
         with self._send_lock:
             sent = self.sock.sendmsg([data], anc)
             if sent < len(data):
@@ -230,12 +230,7 @@ class Transport:
         if error is not None:
             self._fail(error)
             return
-        fds: list[int] = []
-        for level, kind, blob in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                a = array.array("i")
-                a.frombytes(blob[: len(blob) - len(blob) % a.itemsize])
-                fds.extend(off_stdio(fd) for fd in a)
+        fds = [off_stdio(fd) for fd in fdpass.received_fds(anc)]
         try:
             self.proto.receive_data(data, fds)
             while (ev := self.proto.next_event()) is not None:

@@ -7,7 +7,6 @@ daemon then applies each child's ``on_disconnect`` policy).
 
 from __future__ import annotations
 
-import array
 import errno
 import os
 import signal as _signal
@@ -17,6 +16,7 @@ from typing import Any
 
 import anyio
 
+from spawnd import fdpass
 from spawnd import protocol as P
 from spawnd.paths import default_socket_path
 
@@ -171,7 +171,7 @@ class AsyncClient:
         assert self._sock is not None
         data = memoryview(self._proto.send(event))
         check_frame_size(data)
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        anc = fdpass.ancillary(fds)
         async with self._send_lock:
             while data:
                 try:
@@ -217,12 +217,7 @@ class AsyncClient:
                                                          socket.MSG_CMSG_CLOEXEC)
                 except BlockingIOError:
                     continue
-                fds: list[int] = []
-                for level, kind, blob in anc:
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        a = array.array("i")
-                        a.frombytes(blob[: len(blob) - len(blob) % a.itemsize])
-                        fds.extend(off_stdio(fd) for fd in a)
+                fds = [off_stdio(fd) for fd in fdpass.received_fds(anc)]
                 self._proto.receive_data(data, fds)
                 while (ev := self._proto.next_event()) is not None:
                     self._route(ev)
