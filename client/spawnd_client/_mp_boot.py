@@ -107,13 +107,13 @@ def main(options: dict[str, Any]) -> NoReturn:
     _inherited[:] = _receive_fds(PAYLOAD_FD)
     from multiprocessing import resource_tracker, spawn
 
-    if _is_open(TRACKER_FD):
+    if is_open(TRACKER_FD):
         resource_tracker._resource_tracker._fd = TRACKER_FD
     parent_sentinel = os.dup(PAYLOAD_FD)
     sys.exit(spawn._main(PAYLOAD_FD, parent_sentinel))
 
 
-def _is_open(fd: int) -> bool:
+def is_open(fd: int) -> bool:
     try:
         os.fstat(fd)
     except OSError:

@@ -29,6 +29,7 @@ from ._mp_boot import (
     PAYLOAD_MAGIC,
     TRACKER_FD,
     DupFd,
+    is_open,
 )
 
 if TYPE_CHECKING:
@@ -82,14 +83,6 @@ def boot_argv(ctx: SpawndContext, prep_data: Mapping[str, Any], socket_path: str
             f"from spawnd_client._mp_boot import main;main({opts!r})")
     exe = os.fsdecode(spawn.get_executable())
     return [exe, *util._args_from_interpreter_flags(), "-c", code, "--multiprocessing-fork"]
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def _readable(fd: int) -> bool:
@@ -150,7 +143,7 @@ class Popen:
             sent = self._send_ahead(ours, payload)
             fds = {PAYLOAD_FD: theirs.fileno(), TRACKER_FD: tracker_fd}
             for std in (1, 2):
-                if _is_open(std):
+                if is_open(std):
                     fds[std] = std
             argv = boot_argv(ctx, prep_data, client.transport().path)
             warm = {"size": o.warm, "idle_timeout": o.idle_timeout} if o.warm else None
