@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"meta": {
         "quick": args.quick, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": common.machine_info(), "parts": parts,
-        "background_busy_cpus_at_start": load, "loadavg_at_start": os.getloadavg(),
-        "stub_policy": common.stub_needed()}}
+        "background_busy_cpus_at_start": load, "loadavg_at_start": os.getloadavg()}}
     failed: list[str] = []
     daemon = common.Daemon(common.workdir(), name="bench")
     if {"latency", "throughput", "mp"} & set(parts):

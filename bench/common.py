@@ -17,7 +17,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-STUB = "/tmp/stub"  # a sitecustomize that injects a stub policy while spawnd/policy.py is missing
 
 TRUE = "/bin/true"
 SLEEP = "/bin/sleep"
@@ -31,16 +30,10 @@ def log(msg: str) -> None:
 
 # ---------------------------------------------------------------------------- environment
 
-def stub_needed() -> bool:
-    return not (REPO / "spawnd" / "policy.py").exists()
-
-
 def python_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for our runners and daemons: repo importable, no autostart."""
     env = os.environ.copy()
     paths = [str(REPO), str(REPO / "client")]
-    if stub_needed():
-        paths.append(STUB)
     old = env.get("PYTHONPATH")
     env["PYTHONPATH"] = os.pathsep.join(paths + ([old] if old else []))
     env["SPAWND_AUTOSTART"] = "0"
