@@ -253,9 +253,9 @@ class ConnectionHandler:
         self.outbox_send, self.outbox = trio.open_memory_channel[tuple[bytes, list[int]]](
             float("inf"))
         self.scope = trio.CancelScope()
-        # A second handle on the same fd, for synchronous non-blocking sends (detached, not
-        # closed, when the connection ends: trio's socket owns the fd).
-        self._raw = socket.socket(fileno=sock.fileno())
+        # A second handle on the same fd, for synchronous non-blocking sends: made and
+        # detached (never closed: trio's socket owns the fd) by run().
+        self._raw: socket.socket | None = None
         self._writing = False  # the writer task is between taking a frame and finishing it
         self._drained = trio.Event()  # set by the writer each time it has sent something
 
@@ -275,7 +275,8 @@ class ConnectionHandler:
         """
         data = self.proto.send(event)
         fds = fds or []
-        if not self._writing and not self.outbox_send.statistics().current_buffer_used:
+        if (self._raw is not None and not self._writing
+                and not self.outbox_send.statistics().current_buffer_used):
             # Fast path: nothing queued, so write now instead of waking the writer task
             # (a reply costs one syscall, not a task switch). What does not fit is queued.
             data, fds = self._send_now(data, fds)
@@ -289,6 +290,7 @@ class ConnectionHandler:
     def _send_now(self, data: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
         """Non-blocking write; returns what is left to queue (fds go with the first byte)."""
         anc = fdpass.ancillary(fds)
+        assert self._raw is not None
         try:
             sent = self._raw.sendmsg([data], anc, socket.MSG_DONTWAIT)
         except BlockingIOError:
@@ -300,6 +302,7 @@ class ConnectionHandler:
         return data[sent:], []
 
     async def run(self) -> None:
+        self._raw = socket.socket(fileno=self.sock.fileno())
         self.server.connections.add(self)
         self.server.poke()
         try:
@@ -318,6 +321,7 @@ class ConnectionHandler:
                 _close_all(fds)
             _close_all(self.proto.take_unclaimed_fds())
             self._raw.detach()
+            self._raw = None
             self.sock.close()
             self.server.poke()
 
