@@ -43,11 +43,6 @@ def python_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def have_module(relpath: str) -> bool:
-    """Is a file of the project there (parts built by others may not exist yet)?"""
-    return (REPO / relpath).exists()
-
-
 # ---------------------------------------------------------------------------- statistics
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:

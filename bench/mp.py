@@ -23,10 +23,9 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from .common import have_module, log, rounds_rng, run_runner, shuffled, summarize_ns
+from .common import log, rounds_rng, run_runner, shuffled, summarize_ns
 
 MODULE = "bench.mp"
-MP_FILE = "client/spawnd_client/mp.py"
 
 #: context key -> label
 CONTEXTS: dict[str, str] = {
@@ -58,9 +57,6 @@ def _square(x: int) -> int:
 def _contexts(cfg: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     ctxs: dict[str, Any] = {k: mp.get_context(k) for k in ("fork", "forkserver", "spawn")}
     ctxs["forkserver"].set_forkserver_preload([MODULE])
-    if not cfg["have_mp"]:
-        notes.append(f"spawnd rows skipped: {MP_FILE} does not exist yet")
-        return ctxs
     try:
         from spawnd_client import mp as smp
 
@@ -154,12 +150,8 @@ def runner(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(socket_path: str, *, quick: bool) -> dict[str, Any]:
-    have = have_module(MP_FILE)
-    if not have:
-        log(f"  mp: NOTE: {MP_FILE} is missing: spawnd rows skipped (fork/forkserver/spawn "
-            "still measured)")
     rounds, pool_rounds = (5, 2) if quick else (30, 8)
-    cfg = {"have_mp": have, "socket": socket_path, "rounds": rounds, "pool_rounds": pool_rounds, "warm": 2,
+    cfg = {"socket": socket_path, "rounds": rounds, "pool_rounds": pool_rounds, "warm": 2,
            "warm_gap": 0.2}
     log(f"  mp: {rounds} Process rounds, {pool_rounds} Pool/Executor rounds")
     res = run_runner(MODULE, cfg, timeout=600, extra_env={"SPAWND_SOCKET": socket_path})

@@ -19,15 +19,12 @@ from .common import (
     CHILD_ENV,
     TRUE,
     Daemon,
-    have_module,
     log,
     rounds_rng,
     shuffled,
     summarize_ns,
     workdir,
 )
-
-PRIV_FILE = "spawnd/privileged.py"
 
 #: key -> label
 VARIANTS: dict[str, str] = {
@@ -73,9 +70,6 @@ def _kwargs(uid: int, gid: int) -> dict[str, dict[str, Any]]:
 
 
 def run(*, quick: bool) -> dict[str, Any]:
-    if not have_module(PRIV_FILE):
-        log(f"  privileged: NOTE: {PRIV_FILE} is missing: part skipped")
-        return {"skipped": f"{PRIV_FILE} does not exist yet"}
     rounds = 5 if quick else 30
     uid, gid = _nobody()
     notes: list[str] = []

@@ -92,6 +92,16 @@ class Daemon:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout)
 
+    def stop_cleanly(self) -> str:
+        """Close our clients and stop it; it must exit 0 with no traceback. Returns its log."""
+        for c in self.clients:
+            c.close()
+        rc = self.stop()
+        log = self.log.read_text()
+        assert rc == 0, log
+        assert "Traceback" not in log, log
+        return log
+
     def settle(self, baseline_fds: int | None = None) -> None:
         """Wait for the daemon to be idle again: no children, fds back to ``baseline``."""
         assert wait_until(lambda: not children_of(self.pid)), children_of(self.pid)
@@ -130,12 +140,7 @@ def start_daemon(tmp_path: Path, *extra: str, env: dict[str, str] | None = None,
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
     d = start_daemon(tmp_path)
     yield d
-    for c in d.clients:
-        c.close()
-    rc = d.stop()
-    log = d.log.read_text()
-    assert rc == 0, log
-    assert "Traceback" not in log, log
+    d.stop_cleanly()
 
 
 @pytest.fixture

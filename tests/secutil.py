@@ -149,17 +149,6 @@ def daemon_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def stop_daemon(d: Daemon) -> str:
-    """Stop it; it must exit cleanly without a traceback. Returns its log."""
-    for c in d.clients:
-        c.close()
-    rc = d.stop()
-    log = d.log.read_text()
-    assert rc == 0, log
-    assert "Traceback" not in log, log
-    return log
-
-
 # The client program: runs as a test user. ``code`` (stdin) is executed with helpers and
 # fills ``result``, printed as JSON. Expected failures are data: ``attempt`` turns an
 # OSError into {"errno", "type", "stage", "field", "message"}.

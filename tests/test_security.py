@@ -35,7 +35,6 @@ from secutil import (
     make_shared_dir,
     missing_prerequisite,
     start_root_daemon,
-    stop_daemon,
     write_policy,
 )
 
@@ -93,7 +92,7 @@ def daemons(accounts: Accounts, shared: Path) -> Iterator[Callable[..., Daemon]]
 
     yield start
     for d in started:
-        stop_daemon(d)
+        d.stop_cleanly()
 
 
 def status(text: str) -> dict[str, str]:
@@ -628,7 +627,7 @@ def test_child_fd_table_is_exactly_what_was_granted(
         flag.touch()
         for p in busy:
             finish(p)
-        stop_daemon(d)
+        d.stop_cleanly()
 
 
 # ---------------------------------------------------------------------------- 10. logs
@@ -644,9 +643,9 @@ def test_refusals_are_logged_with_the_peer_uid(accounts: Accounts, clients: Clie
     r = clients.run(a, d2.path, "c = connect()\n"
                                 "result['r'] = attempt(run, ['/usr/bin/true'], c, user=0)\n")
     assert_refused(r["r"], errno.EPERM, "policy", "user")
-    log = stop_daemon(d)
+    log = d.stop_cleanly()
     assert f"refused connection from uid {b.uid}" in log, log
     assert f"refused spawn for uid {a.uid}: uid {a.uid} already has 0 live children" in log, log
-    log2 = stop_daemon(d2)
+    log2 = d2.stop_cleanly()
     assert f"policy refused spawn for uid {a.uid}: uid {a.uid} may not run a child as uid 0" \
         in log2, log2
