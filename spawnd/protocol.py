@@ -126,6 +126,8 @@ class Spawn(Event):
     no_new_privs: bool = False
     # Serve from a warm pool (multiprocessing): {"size": int, "idle_timeout": float}.
     warm: dict[str, Any] | None = None
+    # subprocess's restore_signals: False leaves SIGPIPE/SIGXFSZ ignored in the child.
+    restore_signals: bool = True
     # Only set by the receiving side: the fds that actually came with this frame.
     fds_received: tuple[int, ...] = ()
 
@@ -364,6 +366,7 @@ def _parse_spawn(m: Mapping[str, Any], rid: int, fds: tuple[int, ...]) -> Spawn:
         capabilities=tuple(caps), rlimits=rlimits,
         no_new_privs=_bool(m, "no_new_privs", rid, False),
         warm=warm,
+        restore_signals=_bool(m, "restore_signals", rid, True),
         fds_received=fds,
     )
 
