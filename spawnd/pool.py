@@ -78,6 +78,10 @@ MAX_ENTRIES = 64
 #: forgets after SHRINK_AFTER seconds without a start (the pool shrinks to the demand of
 #: the next burst), and idle_timeout without a start empties it.
 SHRINK_AFTER = 10.0
+#: After a start served cold, refills wait this long: a refill importing next to the cold
+#: process would make that start slower than a plain cold one. The miss also grows an auto
+#: pool by one (starts come faster than it refills), within the same bounds.
+COLD_BOOT = 0.25
 TRACKED = 64  # handed-out pids remembered per key for the concurrency count
 
 Key = tuple[Any, ...]
@@ -111,6 +115,7 @@ class Entry:
     starts: int = 0
     peak: int = 0
     running: deque[int] = field(default_factory=lambda: deque(maxlen=TRACKED))
+    refill_after: float = 0.0
 
 
 class WarmPool:
@@ -171,6 +176,11 @@ class WarmPool:
                 log.debug("warm: handed idle %d to uid %d", proc.pid, uid)
                 return proc.pid
             self._retire(proc)  # it died or is dying; its watcher reaps it
+        entry.refill_after = now + COLD_BOOT
+        if auto and entry.starts > 1:
+            entry.peak += 1
+            entry.size = min(entry.peak, int(warm.get("size", 1)), os.cpu_count() or 1,
+                             self.max_idle)
         try:
             pid, control = self._spawn(entry.spec, targets)
         finally:
@@ -343,7 +353,8 @@ class WarmPool:
                         break
                     with trio.move_on_at(deadline):
                         await entry.changed.wait()
-                        await trio.sleep(REFILL_DELAY)
+                        await trio.sleep(max(REFILL_DELAY,
+                                             entry.refill_after - trio.current_time()))
         finally:
             if self._entries.get(entry.key) is entry:
                 del self._entries[entry.key]
