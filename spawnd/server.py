@@ -511,7 +511,8 @@ class ConnectionHandler:
                 executable=real if is_script else resolved, argv=grant.argv, env=grant.env,
                 fd_map=tuple(zip(req.fds_received, req.fds, strict=True)), cwd=req.cwd,
                 setsid=req.start_new_session, pgroup=req.process_group, umask=grant.umask,
-                exec_fd=None if is_script else exec_fd)
+                exec_fd=None if is_script else exec_fd,
+                restore_signals=req.restore_signals)
             if req.warm is not None and not grant.needs_trampoline:
                 # multiprocessing warm pool (spawnd/pool.py): an idle equivalent process, or a
                 # fresh one, gets the request's fds by handoff; the caller registers the pid.
