@@ -161,6 +161,7 @@ def _check(kwds: dict[str, Any]) -> None:
 async def _create(args: list[Any], stdin: Any, stdout: Any, stderr: Any, limit: int,
                   client: AsyncClient | None, kwds: dict[str, Any]) -> Process:
     _check(kwds)
+    asyncio.get_running_loop()  # the asyncio face needs asyncio: say so before any child
     child, ours = await aio.start_child(args, stdin=stdin, stdout=stdout, stderr=stderr,
                                         client=client, **kwds)
     return await _connect(child, ours, limit)
