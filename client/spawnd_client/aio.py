@@ -43,8 +43,8 @@ from .client import StrOrBytes, spawn_request
 from .errors import DaemonConnectionError, DaemonUnavailable, error_to_exception
 
 __all__ = [
-    "DEVNULL", "PIPE", "STDOUT", "AsyncChild", "AsyncClient", "Process", "default_client",
-    "open_process", "run_process",
+    "DEVNULL", "PIPE", "STDOUT", "AsyncChild", "AsyncClient", "CalledProcessError",
+    "CompletedProcess", "Process", "default_client", "open_process", "run_process",
 ]
 
 RECV_SIZE = 256 * 1024
