@@ -73,6 +73,7 @@ _fa_open = _bind(
     "posix_spawn_file_actions_addopen", _vp, _int, ctypes.c_char_p, _int, ctypes.c_uint
 )
 _fa_chdir = _bind("posix_spawn_file_actions_addchdir_np", _vp, ctypes.c_char_p)
+_fa_fchdir = _bind("posix_spawn_file_actions_addfchdir_np", _vp, _int)
 _fa_closefrom = _bind("posix_spawn_file_actions_addclosefrom_np", _vp, _int)
 _attr_init = _bind("posix_spawnattr_init", _vp)
 _attr_destroy = _bind("posix_spawnattr_destroy", _vp)
@@ -144,6 +145,14 @@ class SpawnSpec:
     pgroup: int | None = None
     umask: int | None = None
     exec_fd: int | None = None
+    # Inherited caller state and isolation (issue 11); the defaults keep the daemon's own.
+    cwd_fd: int | None = None  # daemon fd of a directory: fchdir(cwd_fd), then chdir(cwd)
+    rlimits: tuple[tuple[int, int, int], ...] = ()  # (RLIMIT_*, soft, hard) for the child
+    nice: int | None = None  # absolute nice value
+    affinity: tuple[int, ...] | None = None  # CPU numbers
+    namespaces: tuple[str, ...] = ()  # subset of NAMESPACES
+    ctty: int | None = None  # a target fd in fd_map that becomes the controlling terminal
+    restore_signals: bool = True  # False: SIGPIPE/SIGXFSZ stay ignored (stdlib semantics)
 
 
 def spawn(spec: SpawnSpec) -> int:
@@ -183,6 +192,9 @@ def spawn(spec: SpawnSpec) -> int:
     _attr_init(attr)
     old_umask: int | None = None
     try:
+        if spec.cwd_fd is not None:
+            # First, before any dup2/close action can reuse or close that fd number.
+            _ok(_fa_fchdir(actions, spec.cwd_fd), STAGE_CWD, spec.cwd)
         _add_fd_actions(actions, targets, moved, top)
         if spec.cwd is not None:
             _ok(_fa_chdir(actions, spec.cwd), STAGE_CWD, spec.cwd)
@@ -304,14 +316,16 @@ def _classify(err: int, spec: SpawnSpec) -> SpawnError:
     """Name the failed stage: posix_spawn returns only an errno, so re-check the cwd."""
     if err in (errno.EBADF, errno.EMFILE):
         return SpawnError(err, STAGE_FDS)
-    if spec.cwd is not None and not _usable_dir(spec.cwd):
+    if spec.cwd_fd is not None and not _usable_dir(b".", spec.cwd_fd):
+        return SpawnError(err, STAGE_CWD, spec.cwd)
+    if spec.cwd is not None and not _usable_dir(spec.cwd, spec.cwd_fd):
         return SpawnError(err, STAGE_CWD, spec.cwd)
     return SpawnError(err, STAGE_EXEC, spec.executable)
 
 
-def _usable_dir(path: bytes) -> bool:
+def _usable_dir(path: bytes, dir_fd: int | None = None) -> bool:
     try:
-        st = os.stat(path)
+        st = os.stat(path, dir_fd=dir_fd)
     except OSError:
         return False
-    return stat.S_ISDIR(st.st_mode) and os.access(path, os.X_OK)
+    return stat.S_ISDIR(st.st_mode) and os.access(path, os.X_OK, dir_fd=dir_fd)
