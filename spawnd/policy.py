@@ -383,6 +383,20 @@ class Policy:
         assert best is not None
         raise best.refused
 
+    def inherit_grants(self, peer: Peer, grant: Grant) -> frozenset[int]:
+        """The rlimits a child of ``grant`` may have beyond the peer's own (issue 11).
+
+        A peer of another uid passes on at most its real limits and nice value (spawnd/peer.py);
+        the rule that allowed ``grant`` lifts that cap for the rlimits it lists (the same
+        ``rlimits = [...]`` that allows raising them with ``rlimits=``), ``NICE`` also for
+        a lower nice value.
+        """
+        out: frozenset[int] = frozenset()
+        for rule in self._rules_for(peer):
+            if rule.label == grant.rule:
+                out |= rule.rlimits
+        return out
+
     # -- internals
     def _rules_for(self, peer: Peer) -> list[Rule]:
         out = []

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import struct
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import trio
 
-from . import fdpass, privileged, spawner
+from . import fdpass, peer, privileged, spawner
 from . import protocol as P
 from .activation import Notifier
 from .children import Child, ChildTable
@@ -502,16 +503,18 @@ class ConnectionHandler:
         assert self.peer is not None
         path_env = next((e[5:] for e in req.env if e.startswith(b"PATH=")), None)
         name = req.executable if req.executable is not None else req.argv[0]
-        resolved = spawner.resolve_executable(name, path_env, req.cwd)
-        exec_fd, is_script = privileged.open_executable(resolved, req.cwd)
+        cwd = caller_cwd(req)  # issue 11: relative names resolve in the caller's cwd
+        resolved = spawner.resolve_executable(name, path_env, cwd)
+        exec_fd, is_script = privileged.open_executable(resolved, cwd)
         try:
             real = privileged.real_path(exec_fd)
             grant: Grant = self.server.policy.decide(self.peer, req, real, is_script=is_script)
             spec = spawner.SpawnSpec(
                 executable=real if is_script else resolved, argv=grant.argv, env=grant.env,
-                fd_map=tuple(zip(req.fds_received, req.fds, strict=True)), cwd=req.cwd,
+                fd_map=tuple(zip(req.child_fds, req.fds, strict=True)), cwd=req.cwd,
                 setsid=req.start_new_session, pgroup=req.process_group, umask=grant.umask,
-                exec_fd=None if is_script else exec_fd)
+                exec_fd=None if is_script else exec_fd,
+                **inherited_spec(self.server.policy, self.peer, self.sock, req, grant))
             if req.warm is not None and not grant.needs_trampoline:
                 # multiprocessing warm pool (spawnd/pool.py): an idle equivalent process, or a
                 # fresh one, gets the request's fds by handoff; the caller registers the pid.
@@ -544,3 +547,44 @@ class ConnectionHandler:
                 self.send(P.error_for(e, req.id, P.STAGE_POLICY))
                 return
             self.send(P.Ok(id=req.id))
+
+
+# ---------------------------------------------------------------------------- issue 11
+# What the child inherits from its caller: request -> SpawnSpec fields (spawnd/peer.py).
+
+_DAEMON_UID = os.geteuid()
+
+
+def caller_cwd(req: P.Spawn) -> bytes | None:
+    """Where the caller's relative names point: its cwd fd (as /proc/self/fd/N), joined with
+    ``cwd=`` (itself relative to the caller's cwd, as with subprocess)."""
+    fd = req.cwd_dir_fd
+    if fd is None:
+        return req.cwd
+    if not stat.S_ISDIR(os.fstat(fd).st_mode):
+        raise spawner.SpawnError(errno.ENOTDIR, spawner.STAGE_CWD, req.cwd or b".")
+    base = b"/proc/self/fd/%d" % fd
+    return base if req.cwd is None else os.path.join(base, req.cwd)
+
+
+def inherited_spec(policy: Policy, who: Peer, sock: trio.socket.SocketType, req: P.Spawn,
+                   grant: Grant) -> dict[str, object]:
+    """SpawnSpec keyword arguments: the caller's cwd fd, and its limits, nice and affinity
+    where they differ from the daemon's. A peer of another uid passes on at most its real
+    limits and nice value, read from the kernel, unless ``policy`` grants more."""
+    own = peer.own_state()
+    ceiling: peer.KernelState | None = None
+    granted: frozenset[int] = frozenset()
+    if who.uid != _DAEMON_UID:
+        try:
+            ceiling = peer.peer_state(sock, who.pid)  # type: ignore[arg-type]
+        except peer.PeerGone as e:
+            raise Refused(e.errno or errno.ESRCH, str(e.strerror or e)) from None
+        granted = policy.inherit_grants(who, grant)
+    fill = ceiling is not None  # a capped peer's child never gets the daemon's own limits
+    if _DAEMON_UID != 0:  # the kernel would refuse more than the daemon's own hard limits
+        ceiling = peer.meet(ceiling, peer.daemon_ceiling(own))
+    got = peer.decide(peer.wire_limits(req.limits), req.nice, req.affinity, own, ceiling,
+                      granted, fill=fill)
+    return {"cwd_fd": req.cwd_dir_fd, "rlimits": got.rlimits, "nice": got.nice,
+            "affinity": got.affinity, "ctty": req.ctty}
