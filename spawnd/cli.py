@@ -138,6 +138,8 @@ def _run(args: argparse.Namespace) -> int:
         print("spawnd run: no command given", file=sys.stderr)
         return 2
     client = spawnd_client.Client(args.socket) if args.socket else None
+    if _pty_wanted(args):  # a terminal for the child (spawnd/pty_relay.py)
+        return _run_pty(client or spawnd_client.default_client(), cmd)
     try:
         proc = spawnd_client.Popen(cmd, client=client)
     except OSError as e:
@@ -149,6 +151,24 @@ def _run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda s, _f: proc.send_signal(s))
     rc = proc.wait()
     return 128 - rc if rc < 0 else rc
+
+
+def _pty_wanted(args: argparse.Namespace) -> bool:
+    from .pty_relay import wants_pty
+
+    return args.pty if args.pty is not None else wants_pty()
+
+
+def _run_pty(client: object, cmd: list[str]) -> int:
+    """``spawnd run --pty``: the child on a new pty, relayed like ``ssh -t``."""
+    from .pty_relay import run_in_pty
+
+    try:
+        return run_in_pty(client.spawn, cmd)  # type: ignore[attr-defined]
+    except OSError as e:
+        print(f"spawnd run: {cmd[0]}: {e.strerror}"
+              + (f" (stage: {e.stage})" if getattr(e, "stage", None) else ""), file=sys.stderr)
+        return 127 if e.errno == errno.ENOENT else 126
 
 
 def _ping(args: argparse.Namespace) -> int:
@@ -191,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
 
     r = sub.add_parser("run", help="run one command through the daemon")
     r.add_argument("--socket")
+    r.add_argument("--pty", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the command on a new pseudo-terminal, relayed to ours (default: "
+                   "when stdin and stdout are terminals)")
     r.add_argument("command", nargs=argparse.REMAINDER)
     r.set_defaults(func=_run)
 
