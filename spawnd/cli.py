@@ -85,6 +85,13 @@ def _serve(args: argparse.Namespace) -> int:
         own_path = args.socket or default_socket_path()
         listeners = [open_listener(own_path, group)]
         log.info("listening on %s", own_path)
+    from . import privileged  # the exec helper: C when built, else the Python twin
+    try:
+        helper = privileged.configure(args.exec_helper)
+    except FileNotFoundError as e:
+        log.error("%s", e)
+        return 2
+    log.info("exec helper: %s", helper.describe())
     notifier = Notifier.from_environ(os.environ)
     server = Server(
         listeners, policy, notifier=notifier,
@@ -177,7 +184,7 @@ def _ping(args: argparse.Namespace) -> int:
     client = spawnd_client.Client(args.socket, autostart=False)
     info = client.ping()
     print(f"spawnd pid {info['pid']}: {info['children']} children, "
-          f"{info['connections']} connections")
+          f"{info['connections']} connections, exec helper {info.get('exec_helper') or '?'}")
     client.close()
     return 0
 
@@ -205,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--frame-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="close a connection that leaves a message unfinished this long "
                    "(default 10)")
+    s.add_argument("--exec-helper", choices=("auto", "c", "python"), default="auto",
+                   help="the program between posix_spawn and exec for privileged children: "
+                        "the C spawnd-exec (auto: when built) or the Python fallback")
     s.add_argument("--lifeline", type=int, metavar="FD", help=argparse.SUPPRESS)
     s.add_argument("--ready-fd", type=int, metavar="FD", help=argparse.SUPPRESS)
     s.set_defaults(func=_serve)

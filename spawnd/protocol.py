@@ -50,6 +50,9 @@ STAGE_CWD = "cwd"
 STAGE_CREDENTIALS = "credentials"
 STAGE_EXEC = "exec"
 
+#: Namespaces a Spawn may ask for (``namespaces``): clone(2)'s CLONE_NEW* names.
+NAMESPACES = ("user", "net", "ipc", "uts", "mount")
+
 DISCONNECT_POLICIES = ("terminate", "kill", "keep")
 DEFAULT_ON_DISCONNECT = "terminate"
 DEFAULT_GRACE = 5.0
@@ -133,6 +136,8 @@ class Spawn(Event):
     nice: int | None = None  # the calling thread's nice value
     affinity: tuple[int, ...] | None = None  # the calling thread's CPUs
     ctty: int | None = None  # a child fd number (one of ``fds``): its controlling terminal
+    # New namespaces for the child (issue 11), a subset of NAMESPACES; policy decides.
+    namespaces: tuple[str, ...] = ()
     # Only set by the receiving side: the fds that actually came with this frame.
     fds_received: tuple[int, ...] = ()
 
@@ -201,6 +206,7 @@ class Pong(Event):
     pid: int = 0
     children: int = 0
     connections: int = 0
+    exec_helper: str = ""  # which exec helper the daemon uses ("c (path)" / "python (path)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,6 +378,7 @@ def _parse_spawn(m: Mapping[str, Any], rid: int, fds: tuple[int, ...]) -> Spawn:
               and 0 < idle <= MAX_WARM_IDLE, f"must be a number of seconds in (0, {MAX_WARM_IDLE:g}]",
               "warm.idle_timeout", rid)
         warm = {"size": size, "idle_timeout": float(idle)}
+    namespaces = _parse_namespaces(m, rid)
     return Spawn(
         id=rid, argv=argv, env=tuple(env),
         executable=None if executable is None else _text(executable, "executable", rid),
@@ -387,6 +394,7 @@ def _parse_spawn(m: Mapping[str, Any], rid: int, fds: tuple[int, ...]) -> Spawn:
         no_new_privs=_bool(m, "no_new_privs", rid, False),
         warm=warm,
         cwd_fd=cwd_fd, **_parse_inherited(m, rid, targets),
+        namespaces=namespaces,
         fds_received=fds,
     )
 
@@ -427,6 +435,16 @@ def _parse_inherited(m: Mapping[str, Any], rid: int, targets: list[Any]) -> dict
               "ctty", rid)
         out["ctty"] = ctty
     return out
+
+
+def _parse_namespaces(m: Mapping[str, Any], rid: int) -> tuple[str, ...]:
+    """``namespaces``: distinct names from NAMESPACES (issue 11)."""
+    ns = _list(m, "namespaces", rid)
+    for i, name in enumerate(ns):
+        _want(isinstance(name, str) and name in NAMESPACES,
+              f"must be one of {', '.join(NAMESPACES)}", f"namespaces[{i}]", rid)
+    _want(len(set(ns)) == len(ns), "names a namespace twice", "namespaces", rid)
+    return tuple(ns)
 
 
 def _parse(m: Any, fds: tuple[int, ...], allowed: Mapping[str, type[Event]]) -> Event:

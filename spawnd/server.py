@@ -436,7 +436,8 @@ class ConnectionHandler:
             self._signal(ev)
         elif isinstance(ev, P.Ping):
             self.send(P.Pong(id=ev.id, pid=os.getpid(), children=len(self.server.children),
-                             connections=len(self.server.connections)))
+                             connections=len(self.server.connections),
+                             exec_helper=privileged.helper().describe()))
 
     async def _spawn(self, req: P.Spawn) -> None:
         assert self.peer is not None
@@ -515,11 +516,11 @@ class ConnectionHandler:
                 setsid=req.start_new_session, pgroup=req.process_group, umask=grant.umask,
                 exec_fd=None if is_script else exec_fd,
                 **inherited_spec(self.server.policy, self.peer, self.sock, req, grant))
-            if req.warm is not None and not grant.needs_trampoline:
+            if req.warm is not None and not privileged.needs_helper(spec, grant):
                 # multiprocessing warm pool (spawnd/pool.py): an idle equivalent process, or a
                 # fresh one, gets the request's fds by handoff; the caller registers the pid.
                 return self.server.pool.take(self.peer.uid, self.peer.gid, spec, grant, req.warm)
-            if grant.needs_trampoline:
+            if privileged.needs_helper(spec, grant):
                 return await privileged.spawn_privileged(spec, grant)
             return spawner.spawn(spec)
         finally:

@@ -12,6 +12,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import resource
 import signal
 import stat
 from collections.abc import Sequence
@@ -30,6 +31,8 @@ __all__ = [
 STAGE_FDS = "fds"
 STAGE_CWD = "cwd"
 STAGE_EXEC = "exec"
+STAGE_RLIMITS = "rlimits"
+STAGE_AFFINITY = "affinity"
 
 #: Highest fd number a client may ask for; RLIMIT_NOFILE usually bounds it far lower.
 MAX_TARGET_FD = 1_000_000
@@ -191,6 +194,8 @@ def spawn(spec: SpawnSpec) -> int:
     _fa_init(actions)  # both inits are a memset in glibc: they cannot fail
     _attr_init(attr)
     old_umask: int | None = None
+    saved_limits: list[tuple[int, tuple[int, int]]] = []
+    saved_affinity: set[int] | None = None
     try:
         if spec.cwd_fd is not None:
             # First, before any dup2/close action can reuse or close that fd number.
@@ -203,12 +208,16 @@ def spawn(spec: SpawnSpec) -> int:
         _ok(_attr_setsigmask(attr, _NO_SIGNALS), STAGE_EXEC)
         if pgroup is not None:
             _ok(_attr_setpgroup(attr, pgroup), STAGE_EXEC)
+        # restore_signals=False (helper "install"): SIGPIPE/SIGXFSZ ignored in the child.
         if spec.umask is not None:
             old_umask = os.umask(spec.umask)  # the child inherits it; single-threaded
+        saved_limits = _borrow_rlimits(spec.rlimits)
+        saved_affinity = _borrow_affinity(spec.affinity)
         err = _posix_spawn(ctypes.byref(pid), path, actions, attr, argv, envp)
     finally:
         if old_umask is not None:
             os.umask(old_umask)
+        _give_back(saved_limits, saved_affinity)
         _attr_destroy(attr)
         _fa_destroy(actions)
         for fd in moved.values():
@@ -250,6 +259,53 @@ def resolve_executable(name: bytes, path_env: bytes | None, cwd: bytes | None) -
 
 
 # --- helpers ---------------------------------------------------------------------------
+
+
+def _borrow_rlimits(limits: Sequence[tuple[int, int, int]]) -> list[tuple[int, tuple[int, int]]]:
+    """Give the daemon the child's soft limits for the length of one posix_spawn.
+
+    The child inherits them; the daemon is single-threaded, so nothing else runs before
+    :func:`_give_back`. Only soft limits under the same hard limit: anything else needs the
+    exec helper (``privileged.needs_helper`` routes it there), so it is refused here.
+    """
+    saved: list[tuple[int, tuple[int, int]]] = []
+    try:
+        for res, soft, hard in limits:
+            cur = resource.getrlimit(res)
+            if (soft, hard) == cur:
+                continue
+            if hard != cur[1]:
+                raise SpawnError(errno.EPERM, STAGE_RLIMITS)
+            resource.setrlimit(res, (soft, hard))
+            saved.append((res, cur))
+    except (OSError, ValueError) as exc:
+        _give_back(saved, None)
+        if isinstance(exc, SpawnError):
+            raise
+        raise SpawnError(getattr(exc, "errno", None) or errno.EINVAL, STAGE_RLIMITS) from None
+    return saved
+
+
+def _borrow_affinity(cpus: Sequence[int] | None) -> set[int] | None:
+    """Likewise the CPU affinity (the child inherits it across posix_spawn)."""
+    if cpus is None:
+        return None
+    cur = os.sched_getaffinity(0)
+    if set(cpus) == cur:
+        return None
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as exc:
+        raise SpawnError(exc.errno, STAGE_AFFINITY) from None
+    return cur
+
+
+def _give_back(limits: list[tuple[int, tuple[int, int]]], affinity: set[int] | None) -> None:
+    for res, old in reversed(limits):
+        resource.setrlimit(res, old)
+    if affinity is not None:
+        os.sched_setaffinity(0, affinity)
+
 
 
 def _ok(err: int, stage: str, filename: bytes | None = None) -> None:

@@ -192,7 +192,8 @@ class Client:
               extra_groups: Iterable[int] | None = None, umask: int | None = None,
               capabilities: Iterable[str] = (), rlimits: Mapping[str, tuple[int, int]] | None = None,
               no_new_privs: bool = False, warm: Mapping[str, Any] | None = None,
-              args: Any = None, ctty: int | None = None) -> Child:
+              args: Any = None, namespaces: Iterable[str] = (),
+              ctty: int | None = None) -> Child:
         """Start a child; raises ``FileNotFoundError`` etc. at once if it cannot run.
 
         ``fds`` maps the child's fd numbers to our fds (sent with SCM_RIGHTS); the child
@@ -213,7 +214,8 @@ class Client:
                 on_disconnect=on_disconnect, grace=grace, want_pidfd=want_pidfd, user=user,
                 group=group, extra_groups=extra_groups, umask=umask, capabilities=capabilities,
                 rlimits=rlimits, no_new_privs=no_new_privs,
-                warm=None if warm is None else dict(warm), caller=caller, ctty=ctty)
+                warm=None if warm is None else dict(warm), caller=caller, ctty=ctty,
+                namespaces=tuple(namespaces))  # new namespaces (issue 11)
 
             def adopt(ev: P.Spawned) -> Child:
                 pidfd = ev.fds_received[0] if ev.pidfd and ev.fds_received else None
@@ -228,7 +230,8 @@ class Client:
     def ping(self) -> dict[str, int]:
         t = self.transport()
         pong = t.request(P.Ping(id=t.next_id()))
-        return {"pid": pong.pid, "children": pong.children, "connections": pong.connections}
+        return {"pid": pong.pid, "children": pong.children, "connections": pong.connections,
+                "exec_helper": pong.exec_helper}
 
     def close(self) -> None:
         with self._lock:
