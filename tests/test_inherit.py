@@ -233,7 +233,7 @@ def root_daemon(shared: Path, accounts: Accounts) -> Iterator[Daemon]:
     d.stop_cleanly()
 
 
-LIMITS_LINE = "ulimit -u; ulimit -t; ulimit -c; nice"
+LIMITS_LINE = "ulimit -p; ulimit -t; ulimit -c; nice"
 
 FOREIGN = textwrap.dedent("""
     import os
@@ -291,4 +291,7 @@ def test_foreign_client_keeps_its_limits_through_a_root_daemon(
     if "ok" in explicit:
         assert explicit["ok"]["out"] == want, res
     else:
-        assert explicit["name"] == "EPERM", res
+        # EPERM from the kernel; the Python trampoline fallback reports EINVAL (Python's
+        # resource.setrlimit raises ValueError for both). Either way: refused, synchronously.
+        assert explicit["stage"] == "rlimits", json.dumps(explicit)
+        assert explicit["name"] in ("EPERM", "EINVAL"), json.dumps(explicit)
