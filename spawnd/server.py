@@ -11,6 +11,7 @@ Task tree (every task has one owner)::
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -519,6 +520,7 @@ class ConnectionHandler:
             if req.warm is not None and not privileged.needs_helper(spec, grant):
                 # multiprocessing warm pool (spawnd/pool.py): an idle equivalent process, or a
                 # fresh one, gets the request's fds by handoff; the caller registers the pid.
+                spec = pool_spec(spec)  # issue 11: pools key on, and refill in, a cwd path
                 return self.server.pool.take(self.peer.uid, self.peer.gid, spec, grant, req.warm)
             if privileged.needs_helper(spec, grant):
                 return await privileged.spawn_privileged(spec, grant)
@@ -589,3 +591,13 @@ def inherited_spec(policy: Policy, who: Peer, sock: trio.socket.SocketType, req:
                       granted, fill=fill)
     return {"cwd_fd": req.cwd_dir_fd, "rlimits": got.rlimits, "nice": got.nice,
             "affinity": got.affinity, "ctty": req.ctty}
+
+
+def pool_spec(spec: spawner.SpawnSpec) -> spawner.SpawnSpec:
+    """A warm pool keys on ``cwd`` and refills later, after this request's fds are closed: give
+    it the caller's cwd as a path (a directory renamed meanwhile is not followed there)."""
+    if spec.cwd_fd is None:
+        return spec
+    where = os.readlink(b"/proc/self/fd/%d" % spec.cwd_fd)
+    return dataclasses.replace(spec, cwd_fd=None,
+                               cwd=where if spec.cwd is None else os.path.join(where, spec.cwd))
