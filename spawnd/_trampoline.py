@@ -21,6 +21,7 @@ import sys
 
 _PR_CAPBSET_DROP = 24
 _PR_SET_KEEPCAPS = 8
+_PR_SET_DUMPABLE = 4
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_CAP_AMBIENT = 47
 _PR_CAP_AMBIENT_RAISE = 2
@@ -104,7 +105,7 @@ def _parse(tokens: list) -> dict:
     s = {"A": [], "E": [], "r": [], "R": [], "a": None, "G": None, "n": None, "N": 0,
          "U": False, "g": None, "u": None, "c": None, "L": -1, "p": False, "m": None,
          "d": None, "D": None, "t": None, "x": None, "P": None, "C": None, "S": False,
-         "i": False}
+         "i": False, "want": None}
     for tok in tokens:
         k, v = chr(tok[0]), tok[1:]
         if k in "AE":
@@ -211,6 +212,12 @@ def _apply(s: dict) -> None:
         os.setresuid(s["u"], s["u"], s["u"])
     if s["U"] and switching:
         stage = "namespaces"
+        # Writing our own maps needs us dumpable again (setresuid cleared it), which lets the
+        # target user ptrace us: drop the fd root opened first (its identity is in "want").
+        if s["x"] is not None and s["C"] is not None:
+            os.close(s["x"])
+            s["x"] = None
+        _check(lib[0](_PR_SET_DUMPABLE, 1, 0, 0, 0), lib[-1])
         _user_namespace(lib, 0)
     if caps is not None:
         stage = "capabilities"
@@ -259,12 +266,13 @@ def _exec(s: dict) -> None:
         _signal.signal(_signal.SIGXFSZ, _signal.SIG_DFL)
     run = s["x"]
     if s["C"] is not None:
-        fd = os.open(s["C"], os.O_PATH | os.O_CLOEXEC)
+        try:
+            fd = os.open(s["C"], os.O_PATH | os.O_CLOEXEC)
+        except FileNotFoundError:  # the daemon opened it a moment ago: not the file checked
+            raise OSError(13, "Permission denied") from None
         got = os.fstat(fd)
-        if s["x"] is not None:
-            want = os.fstat(s["x"])
-            if (want.st_dev, want.st_ino) != (got.st_dev, got.st_ino):
-                raise OSError(13, "Permission denied")
+        if s["want"] is not None and s["want"] != (got.st_dev, got.st_ino):
+            raise OSError(13, "Permission denied")
         run = fd
     env = dict(e.partition(b"=")[::2] for e in s["E"])
     if s["S"] or run is None:
@@ -280,6 +288,9 @@ def main() -> None:
         for fd in (s["x"], s["d"]):
             if fd is not None:
                 os.set_inheritable(fd, False)
+        if s["x"] is not None:
+            st = os.fstat(s["x"])
+            s["want"] = (st.st_dev, st.st_ino)
         _apply(s)
         _exec(s)
         err = 5  # EIO: execve returned without raising

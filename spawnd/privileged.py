@@ -263,51 +263,46 @@ def _plan(spec: SpawnSpec, grant: Grant, exec_target: int | None,
 
 async def _supervise(pid: int, spec_w: int, status_r: int, plan: bytes,
                      spec: SpawnSpec) -> int:
-    """Feed the plan, await the verdict; kill and reap the trampoline on any failure."""
-    out = trio.lowlevel.FdStream(spec_w)  # own both fds from here: closed whatever happens
-    inp = trio.lowlevel.FdStream(status_r)
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        out.close()
-        inp.close()
-        os.kill(pid, signal.SIGKILL)  # cannot be recycled: it is our unreaped child
-        os.waitpid(pid, 0)
-        raise
+    """Feed what is left of the plan, await the verdict; kill and reap the helper on any
+    failure. The happy path costs one wait on the status pipe: no pidfd, no streams."""
+    out: trio.lowlevel.FdStream | None = None
+    if plan:
+        out = trio.lowlevel.FdStream(spec_w)  # owns spec_w from here
+    else:
+        os.close(spec_w)  # all of it is already in the pipe: EOF for the helper's reader
     try:
         with trio.fail_after(STATUS_TIMEOUT):
-            record = await _exchange(out, inp, plan)
+            record = await _exchange(out, status_r, plan)
     except BaseException as e:
-        await _kill_and_reap(pidfd)
+        await _kill_and_reap(pid)
         if isinstance(e, trio.TooSlowError):
             raise SpawnError(errno.ETIMEDOUT, STAGE_TRAMPOLINE, helper().executable) from None
         raise
     finally:
-        out.close()
-        inp.close()
+        if out is not None:
+            out.close()
+        trio.lowlevel.notify_closing(status_r)
+        os.close(status_r)
     if not record:
-        os.close(pidfd)
         return pid
     # It exits right after writing; the kill only matters for a record that is not ours.
-    await _kill_and_reap(pidfd)
+    await _kill_and_reap(pid)
     raise _error_from(record, spec)
 
 
-async def _exchange(out: trio.lowlevel.FdStream, inp: trio.lowlevel.FdStream,
-                    plan: bytes) -> bytes:
-    """Write what is left of the plan, read the status pipe to EOF (b"" = exec succeeded)."""
-    if plan:
+async def _exchange(out: trio.lowlevel.FdStream | None, status_r: int, plan: bytes) -> bytes:
+    """Write what is left of the plan, then read the status record; b"" (end-of-file) means
+    the exec succeeded."""
+    if out is not None:
         try:
             await out.send_all(plan)
         except trio.BrokenResourceError:
             pass  # the helper died before reading: its status (or EOF) says why
-    out.close()
-    record = b""
-    while chunk := await inp.receive_some(MAX_STATUS):
-        record += chunk
-        if len(record) > MAX_STATUS:
-            break
-    return record
+        out.close()
+    # One write of a few bytes (atomic, below PIPE_BUF) then exit, or EOF at exec: once
+    # readable, a single read has the whole answer.
+    await trio.lowlevel.wait_readable(status_r)
+    return os.read(status_r, MAX_STATUS)
 
 
 def _error_from(record: bytes, spec: SpawnSpec) -> SpawnError:
@@ -320,24 +315,27 @@ def _error_from(record: bytes, spec: SpawnSpec) -> SpawnError:
     return SpawnError(num, stage, filename)
 
 
-async def _reap(pidfd: int) -> None:
-    """Wait for the (killed or exiting) helper to end and reap it; shielded, because
-    leaving an unreaped child behind is worse than finishing a cancelled call late."""
+async def _kill_and_reap(pid: int) -> None:
+    """Kill the helper and reap it; shielded, because leaving an unreaped child behind is
+    worse than finishing a cancelled call late. Its pid cannot be recycled meanwhile: it
+    is our unreaped child."""
     try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # out of fds: a SIGKILLed child is reaped at once, block for it
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        return
+    try:
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         with trio.CancelScope(shield=True):
             await trio.lowlevel.wait_readable(pidfd)
         os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
     finally:
         trio.lowlevel.notify_closing(pidfd)
         os.close(pidfd)
-
-
-async def _kill_and_reap(pidfd: int) -> None:
-    try:
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    await _reap(pidfd)
 
 
 def _close(*fds: int) -> None:

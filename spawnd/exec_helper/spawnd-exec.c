@@ -198,8 +198,11 @@ int main(int argc, char **argv)
         case 'n': have_nice = 1; nice_val = (int)snum(v); break;
         case 'a':
             have_aff = 1;
-            while (*v && !(bad = num(&v, &x) || x >= CPU_SETSIZE))
+            while (*v && !(bad = num(&v, &x))) {
+                if (x >= CPU_SETSIZE)
+                    fail("affinity", EINVAL);
                 CPU_SET((int)x, &aff);
+            }
             break;
         case 'N': ns_flags = (int)snum(v); break;
         case 'U': user_ns = 1; break;
@@ -231,9 +234,12 @@ int main(int argc, char **argv)
     }
     if (nargs == 0 || (exec_fd < 0 && !exec_path))
         fail("spec", EINVAL);
-    /* Our own fds must not reach the child. */
-    if (exec_fd >= 0)
+    /* Our own fds must not reach the child. The checked file's identity is taken now. */
+    struct stat want;
+    if (exec_fd >= 0) {
         CHECK(fcntl(exec_fd, F_SETFD, FD_CLOEXEC) == 0, "spec");
+        CHECK(fstat(exec_fd, &want) == 0, "spec");
+    }
     if (cwd_fd >= 0)
         CHECK(fcntl(cwd_fd, F_SETFD, FD_CLOEXEC) == 0, "spec");
 
@@ -260,8 +266,17 @@ int main(int argc, char **argv)
         CHECK(prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) == 0, "keep_caps");
     if (uid >= 0)
         CHECK(setresuid((uid_t)uid, (uid_t)uid, (uid_t)uid) == 0, "uid");
-    if (user_ns && switching)                       /* mapped to the target user */
+    if (user_ns && switching) {                     /* mapped to the target user */
+        /* Writing our own maps needs us dumpable again (setresuid cleared it), which lets
+         * the target user ptrace us: drop the fd root opened first (only its identity is
+         * needed now: check_path is always set when switching). */
+        if (exec_fd >= 0 && check_path) {
+            close(exec_fd);
+            exec_fd = -1;
+        }
+        CHECK(prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) == 0, "namespaces");
         user_namespace(0);
+    }
     if (have_caps) {
         /* keep-caps kept the permitted set; make it effective to drop the bounding set */
         uint64_t prm = permitted_now();
@@ -301,15 +316,15 @@ int main(int argc, char **argv)
     }
     int run_fd = exec_fd;
     if (check_path) {
-        struct stat want, got;
+        struct stat got;
         int fd = open(check_path, O_PATH | O_CLOEXEC);
+        /* The daemon opened it a moment ago: gone now means "not the file checked". */
+        if (fd < 0 && errno == ENOENT)
+            fail("exec", EACCES);
         CHECK(fd >= 0, "exec");
         CHECK(fstat(fd, &got) == 0, "exec");
-        if (exec_fd >= 0) {
-            CHECK(fstat(exec_fd, &want) == 0, "exec");
-            if (want.st_dev != got.st_dev || want.st_ino != got.st_ino)
-                fail("exec", EACCES);
-        }
+        if (want.st_dev != got.st_dev || want.st_ino != got.st_ino)
+            fail("exec", EACCES);
         run_fd = fd;
     }
     if (script || run_fd < 0)
