@@ -85,6 +85,13 @@ def _serve(args: argparse.Namespace) -> int:
         own_path = args.socket or default_socket_path()
         listeners = [open_listener(own_path, group)]
         log.info("listening on %s", own_path)
+    from . import privileged  # the exec helper: C when built, else the Python twin
+    try:
+        helper = privileged.configure(args.exec_helper)
+    except FileNotFoundError as e:
+        log.error("%s", e)
+        return 2
+    log.info("exec helper: %s", helper.describe())
     notifier = Notifier.from_environ(os.environ)
     server = Server(
         listeners, policy, notifier=notifier,
@@ -138,6 +145,8 @@ def _run(args: argparse.Namespace) -> int:
         print("spawnd run: no command given", file=sys.stderr)
         return 2
     client = spawnd_client.Client(args.socket) if args.socket else None
+    if _pty_wanted(args):  # a terminal for the child (spawnd/pty_relay.py)
+        return _run_pty(client or spawnd_client.default_client(), cmd)
     try:
         proc = spawnd_client.Popen(cmd, client=client)
     except OSError as e:
@@ -151,13 +160,31 @@ def _run(args: argparse.Namespace) -> int:
     return 128 - rc if rc < 0 else rc
 
 
+def _pty_wanted(args: argparse.Namespace) -> bool:
+    from .pty_relay import wants_pty
+
+    return args.pty if args.pty is not None else wants_pty()
+
+
+def _run_pty(client: object, cmd: list[str]) -> int:
+    """``spawnd run --pty``: the child on a new pty, relayed like ``ssh -t``."""
+    from .pty_relay import run_in_pty
+
+    try:
+        return run_in_pty(client.spawn, cmd)  # type: ignore[attr-defined]
+    except OSError as e:
+        print(f"spawnd run: {cmd[0]}: {e.strerror}"
+              + (f" (stage: {e.stage})" if getattr(e, "stage", None) else ""), file=sys.stderr)
+        return 127 if e.errno == errno.ENOENT else 126
+
+
 def _ping(args: argparse.Namespace) -> int:
     import spawnd_client
 
     client = spawnd_client.Client(args.socket, autostart=False)
     info = client.ping()
     print(f"spawnd pid {info['pid']}: {info['children']} children, "
-          f"{info['connections']} connections")
+          f"{info['connections']} connections, exec helper {info.get('exec_helper') or '?'}")
     client.close()
     return 0
 
@@ -185,12 +212,18 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--frame-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="close a connection that leaves a message unfinished this long "
                    "(default 10)")
+    s.add_argument("--exec-helper", choices=("auto", "c", "python"), default="auto",
+                   help="the program between posix_spawn and exec for privileged children: "
+                        "the C spawnd-exec (auto: when built) or the Python fallback")
     s.add_argument("--lifeline", type=int, metavar="FD", help=argparse.SUPPRESS)
     s.add_argument("--ready-fd", type=int, metavar="FD", help=argparse.SUPPRESS)
     s.set_defaults(func=_serve)
 
     r = sub.add_parser("run", help="run one command through the daemon")
     r.add_argument("--socket")
+    r.add_argument("--pty", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the command on a new pseudo-terminal, relayed to ours (default: "
+                   "when stdin and stdout are terminals)")
     r.add_argument("command", nargs=argparse.REMAINDER)
     r.set_defaults(func=_run)
 

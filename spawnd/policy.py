@@ -142,6 +142,8 @@ class Grant:
     #: others are applied after it, so the kernel allows only what the child could do itself.
     privileged_rlimits: frozenset[int] = frozenset()
     rule: str = ""  # which rule allowed it, for logs
+    #: New namespaces for the child (the exec helper unshares them).
+    namespaces: tuple[str, ...] = ()
 
     @property
     def needs_trampoline(self) -> bool:
@@ -245,6 +247,7 @@ class Rule:
     max_children: int | None = None
     spawn_rate: float | None = None
     spawn_burst: int | None = None
+    namespaces: frozenset[str] = frozenset()  # which new namespaces a request may ask for
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,14 +330,21 @@ class Policy:
         and at most :data:`ROOT_DEFAULT_MAX_CHILDREN` live children per uid."""
         ident = identity or DaemonIdentity.current(daemon_uid)
         if daemon_uid == 0:
-            rule = Rule(label="default (root daemon: every uid as itself)", everyone=True,
-                        executables=(b"/",))
+            rules = [Rule(label="default (root daemon: every uid as itself)", everyone=True,
+                          executables=(b"/",)),
+                     # A root client may already setuid/unshare itself, as subprocess and
+                     # systemd-run --uid let it: run as any user or group, any namespace.
+                     Rule(label="default (root daemon: root client as any user)",
+                          uids=frozenset({0}), executables=(b"/",), run_as_any_user=True,
+                          run_as_any_group=True, namespaces=frozenset(P.NAMESPACES))]
             limits = Limits(max_children=ROOT_DEFAULT_MAX_CHILDREN)
         else:
-            rule = Rule(label=f"default (per-user daemon: uid {daemon_uid} only)",
-                        uids=frozenset({daemon_uid}), executables=(b"/",))
+            # Namespaces: whatever the kernel lets this user unshare (it answers EPERM).
+            rules = [Rule(label=f"default (per-user daemon: uid {daemon_uid} only)",
+                          uids=frozenset({daemon_uid}), executables=(b"/",),
+                          namespaces=frozenset(P.NAMESPACES))]
             limits = Limits()
-        return cls([rule], limits=limits, identity=ident, directory=directory,
+        return cls(rules, limits=limits, identity=ident, directory=directory,
                    source="<default>")
 
     # -- questions the server asks
@@ -383,6 +393,20 @@ class Policy:
         assert best is not None
         raise best.refused
 
+    def inherit_grants(self, peer: Peer, grant: Grant) -> frozenset[int]:
+        """The rlimits a child of ``grant`` may have beyond the peer's own (issue 11).
+
+        A peer of another uid passes on at most its real limits and nice value (spawnd/peer.py);
+        the rule that allowed ``grant`` lifts that cap for the rlimits it lists (the same
+        ``rlimits = [...]`` that allows raising them with ``rlimits=``), ``NICE`` also for
+        a lower nice value.
+        """
+        out: frozenset[int] = frozenset()
+        for rule in self._rules_for(peer):
+            if rule.label == grant.rule:
+                out |= rule.rlimits
+        return out
+
     # -- internals
     def _rules_for(self, peer: Peer) -> list[Rule]:
         out = []
@@ -412,12 +436,14 @@ class Policy:
         granted_caps = self._check_caps(rule, req_caps, deny)
         elevated = peer.uid != 0 and (creds.elevated or bool(granted_caps))
         self._check_env(rule, req.env, elevated, deny)
+        self._check_namespaces(rule, req, deny)
         return Grant(
             executable=executable, argv=tuple(req.argv), env=tuple(req.env),
             uid=creds.uid, gid=creds.gid, groups=creds.groups, umask=req.umask,
             capabilities=granted_caps, rlimits=dict(req_rlimits),
             no_new_privs=rule.no_new_privs_always or req.no_new_privs,
             privileged_rlimits=frozenset(req_rlimits) & rule.rlimits, rule=rule.label,
+            namespaces=tuple(req.namespaces),
         )
 
     @staticmethod
@@ -482,6 +508,12 @@ class Policy:
             if name not in self.identity.permitted:
                 deny(3, f"the daemon itself does not hold {name}", f"capabilities[{i}]")
         return tuple(sorted(set(req_caps), key=caps.number))
+
+    @staticmethod
+    def _check_namespaces(rule: Rule, req: P.Spawn, deny: _Deny) -> None:
+        for i, name in enumerate(req.namespaces):
+            if name not in rule.namespaces:
+                deny(5, f"a new {name} namespace is not granted", f"namespaces[{i}]")
 
     @staticmethod
     def _check_env(rule: Rule, env: Iterable[bytes], elevated: bool, deny: _Deny) -> None:
@@ -595,7 +627,7 @@ _SELECTORS = ("users", "uids", "groups", "gids", "everyone")
 _RULE_KEYS = frozenset({
     "name", *_SELECTORS, "executables", "allow_scripts", "run_as_users", "run_as_uids",
     "run_as_groups", "run_as_gids", "capabilities", "rlimits", "no_new_privs", "env_allow",
-    "env_deny", "env_unsafe_allow", "max_children", "spawn_rate", "spawn_burst",
+    "env_deny", "env_unsafe_allow", "max_children", "spawn_rate", "spawn_burst", "namespaces",
 })
 _LIMIT_KEYS = frozenset({"max_children", "spawn_rate", "spawn_burst"})
 _TOP_KEYS = frozenset({"version", "limits", "allow"})
@@ -697,6 +729,7 @@ class _Loader:
             env_deny=self._patterns(t, "env_deny"),
             env_unsafe_allow=self._patterns(t, "env_unsafe_allow"),
             max_children=mc, spawn_rate=rate, spawn_burst=burst,
+            namespaces=self._namespaces(t),
         )
 
     # -- field parsers
@@ -774,6 +807,18 @@ class _Loader:
             except KeyError:
                 self.fail(f"rlimits[{j}]", f"unknown rlimit {name!r} (known: "
                           f"{', '.join(RLIMITS)})")
+        return frozenset(out)
+
+    def _namespaces(self, t: Mapping[str, Any]) -> frozenset[str]:
+        out = set()
+        for j, name in enumerate(self._list(t, "namespaces", str)):
+            if name == "*":
+                out.update(P.NAMESPACES)
+            elif name in P.NAMESPACES:
+                out.add(name)
+            else:
+                self.fail(f"namespaces[{j}]", f"unknown namespace {name!r} (known: "
+                          f"{', '.join(P.NAMESPACES)})")
         return frozenset(out)
 
     def _nnp(self, t: Mapping[str, Any]) -> bool:

@@ -50,6 +50,9 @@ STAGE_CWD = "cwd"
 STAGE_CREDENTIALS = "credentials"
 STAGE_EXEC = "exec"
 
+#: Namespaces a Spawn may ask for (``namespaces``): clone(2)'s CLONE_NEW* names.
+NAMESPACES = ("user", "net", "ipc", "uts", "mount")
+
 DISCONNECT_POLICIES = ("terminate", "kill", "keep")
 DEFAULT_ON_DISCONNECT = "terminate"
 DEFAULT_GRACE = 5.0
@@ -129,6 +132,15 @@ class Spawn(Event):
     warm: dict[str, Any] | None = None
     # subprocess's restore_signals: False leaves SIGPIPE/SIGXFSZ ignored in the child.
     restore_signals: bool = True
+    # The caller's own process state, inherited like subprocess (issue 11). The client sends
+    # it by default; absent fields keep the daemon's state (for a same-uid peer).
+    cwd_fd: bool = False  # the LAST fd sent is the caller's cwd (an O_PATH directory)
+    limits: dict[str, tuple[int, int]] | None = None  # the caller's rlimits, -1 = unlimited
+    nice: int | None = None  # the calling thread's nice value
+    affinity: tuple[int, ...] | None = None  # the calling thread's CPUs
+    ctty: int | None = None  # a child fd number (one of ``fds``): its controlling terminal
+    # New namespaces for the child (issue 11), a subset of NAMESPACES; policy decides.
+    namespaces: tuple[str, ...] = ()
     # Only set by the receiving side: the fds that actually came with this frame.
     fds_received: tuple[int, ...] = ()
 
@@ -136,7 +148,21 @@ class Spawn(Event):
         d = Event.to_wire(self)
         if self.rlimits is not None:
             d["rlimits"] = {k: list(v) for k, v in self.rlimits.items()}
+        if self.limits is not None:
+            d["limits"] = {k: list(v) for k, v in self.limits.items()}
+        if not self.cwd_fd:
+            d.pop("cwd_fd", None)
         return d
+
+    @property
+    def child_fds(self) -> tuple[int, ...]:
+        """The received fds that become the child's (``fds`` names their numbers)."""
+        return self.fds_received[:len(self.fds)]
+
+    @property
+    def cwd_dir_fd(self) -> int | None:
+        """The received fd of the caller's cwd, when ``cwd_fd`` says one was sent."""
+        return self.fds_received[-1] if self.cwd_fd and self.fds_received else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +209,7 @@ class Pong(Event):
     pid: int = 0
     children: int = 0
     connections: int = 0
+    exec_helper: str = ""  # which exec helper the daemon uses ("c (path)" / "python (path)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,9 +331,10 @@ def _parse_spawn(m: Mapping[str, Any], rid: int, fds: tuple[int, ...]) -> Spawn:
     for i, t in enumerate(targets):
         _want(_is_int(t) and 0 <= t < MAX_FD_TARGET, "must be an fd number", f"fds[{i}]", rid)
     _want(len(set(targets)) == len(targets), "target fd numbers must be distinct", "fds", rid)
-    if len(targets) != len(fds):
-        raise ProtocolError(f"fds: request declares {len(targets)} fds but {len(fds)} arrived "
-                            "with it", field="fds", request_id=rid, errno=_errno.EBADF)
+    cwd_fd = _bool(m, "cwd_fd", rid, False)  # (issue 11) one more fd: the caller's cwd
+    if len(targets) + cwd_fd != len(fds):
+        raise ProtocolError(f"fds: request declares {len(targets) + cwd_fd} fds but {len(fds)} "
+                            "arrived with it", field="fds", request_id=rid, errno=_errno.EBADF)
     executable = m.get("executable")
     cwd = m.get("cwd")
     on_disc = m.get("on_disconnect", DEFAULT_ON_DISCONNECT)
@@ -355,6 +383,7 @@ def _parse_spawn(m: Mapping[str, Any], rid: int, fds: tuple[int, ...]) -> Spawn:
               and 0 < idle <= MAX_WARM_IDLE, f"must be a number of seconds in (0, {MAX_WARM_IDLE:g}]",
               "warm.idle_timeout", rid)
         warm = {"size": size, "idle_timeout": float(idle), **({"auto": True} if auto else {})}
+    namespaces = _parse_namespaces(m, rid)
     return Spawn(
         id=rid, argv=argv, env=tuple(env),
         executable=None if executable is None else _text(executable, "executable", rid),
@@ -370,8 +399,58 @@ def _parse_spawn(m: Mapping[str, Any], rid: int, fds: tuple[int, ...]) -> Spawn:
         no_new_privs=_bool(m, "no_new_privs", rid, False),
         warm=warm,
         restore_signals=_bool(m, "restore_signals", rid, True),
+        cwd_fd=cwd_fd, **_parse_inherited(m, rid, targets),
+        namespaces=namespaces,
         fds_received=fds,
     )
+
+
+# Inherited caller state (issue 11): validated here, applied (and for another uid, capped at
+# what the kernel says the peer really has) by the daemon.
+MAX_CPUS = 8192  # CPU numbers; the kernel's CONFIG_NR_CPUS ceiling
+NICE_MIN, NICE_MAX = -20, 19
+
+
+def _parse_inherited(m: Mapping[str, Any], rid: int, targets: list[Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    lim = m.get("limits")
+    if lim is not None:
+        _want(isinstance(lim, dict), "must be a map of name to [soft, hard]", "limits", rid)
+        limits: dict[str, tuple[int, int]] = {}
+        for k, v in lim.items():
+            _want(isinstance(k, str) and 0 < len(k) < 32, "keys must be names", "limits", rid)
+            _want(isinstance(v, list) and len(v) == 2 and all(_is_int(x) and -1 <= x < 2**64
+                                                              for x in v),
+                  "must be [soft, hard] with -1 for unlimited", f"limits.{k}", rid)
+            limits[k] = (v[0], v[1])
+        out["limits"] = limits
+    nice = m.get("nice")
+    if nice is not None:
+        _want(_is_int(nice) and NICE_MIN <= nice <= NICE_MAX,
+              f"must be an integer in [{NICE_MIN}, {NICE_MAX}]", "nice", rid)
+        out["nice"] = nice
+    aff = m.get("affinity")
+    if aff is not None:
+        _want(isinstance(aff, list) and 0 < len(aff) <= MAX_CPUS
+              and all(_is_int(c) and 0 <= c < MAX_CPUS for c in aff),
+              f"must be a non-empty array of CPU numbers below {MAX_CPUS}", "affinity", rid)
+        out["affinity"] = tuple(aff)
+    ctty = m.get("ctty")
+    if ctty is not None:
+        _want(_is_int(ctty) and ctty in targets, "must be one of the child's fd numbers (fds)",
+              "ctty", rid)
+        out["ctty"] = ctty
+    return out
+
+
+def _parse_namespaces(m: Mapping[str, Any], rid: int) -> tuple[str, ...]:
+    """``namespaces``: distinct names from NAMESPACES (issue 11)."""
+    ns = _list(m, "namespaces", rid)
+    for i, name in enumerate(ns):
+        _want(isinstance(name, str) and name in NAMESPACES,
+              f"must be one of {', '.join(NAMESPACES)}", f"namespaces[{i}]", rid)
+    _want(len(set(ns)) == len(ns), "names a namespace twice", "namespaces", rid)
+    return tuple(ns)
 
 
 def _parse(m: Any, fds: tuple[int, ...], allowed: Mapping[str, type[Event]]) -> Event:

@@ -11,11 +11,13 @@ Task tree (every task has one owner)::
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
 import signal
 import socket
+import stat
 import struct
 import time
 from collections.abc import Callable
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 import trio
 
-from . import fdpass, privileged, spawner
+from . import fdpass, peer, privileged, spawner
 from . import protocol as P
 from .activation import Notifier
 from .children import Child, ChildTable
@@ -435,7 +437,8 @@ class ConnectionHandler:
             self._signal(ev)
         elif isinstance(ev, P.Ping):
             self.send(P.Pong(id=ev.id, pid=os.getpid(), children=len(self.server.children),
-                             connections=len(self.server.connections)))
+                             connections=len(self.server.connections),
+                             exec_helper=privileged.helper().describe()))
 
     async def _spawn(self, req: P.Spawn) -> None:
         assert self.peer is not None
@@ -502,22 +505,25 @@ class ConnectionHandler:
         assert self.peer is not None
         path_env = next((e[5:] for e in req.env if e.startswith(b"PATH=")), None)
         name = req.executable if req.executable is not None else req.argv[0]
-        resolved = spawner.resolve_executable(name, path_env, req.cwd)
-        exec_fd, is_script = privileged.open_executable(resolved, req.cwd)
+        cwd = caller_cwd(req)  # issue 11: relative names resolve in the caller's cwd
+        resolved = spawner.resolve_executable(name, path_env, cwd)
+        exec_fd, is_script = privileged.open_executable(resolved, cwd)
         try:
             real = privileged.real_path(exec_fd)
             grant: Grant = self.server.policy.decide(self.peer, req, real, is_script=is_script)
             spec = spawner.SpawnSpec(
                 executable=real if is_script else resolved, argv=grant.argv, env=grant.env,
-                fd_map=tuple(zip(req.fds_received, req.fds, strict=True)), cwd=req.cwd,
+                fd_map=tuple(zip(req.child_fds, req.fds, strict=True)), cwd=req.cwd,
                 setsid=req.start_new_session, pgroup=req.process_group, umask=grant.umask,
                 exec_fd=None if is_script else exec_fd,
-                restore_signals=req.restore_signals)
-            if req.warm is not None and not grant.needs_trampoline:
+                restore_signals=req.restore_signals,
+                **inherited_spec(self.server.policy, self.peer, self.sock, req, grant))
+            if req.warm is not None and not privileged.needs_helper(spec, grant):
                 # multiprocessing warm pool (spawnd/pool.py): an idle equivalent process, or a
                 # fresh one, gets the request's fds by handoff; the caller registers the pid.
+                spec = pool_spec(spec)  # issue 11: pools key on, and refill in, a cwd path
                 return self.server.pool.take(self.peer.uid, self.peer.gid, spec, grant, req.warm)
-            if grant.needs_trampoline:
+            if privileged.needs_helper(spec, grant):
                 return await privileged.spawn_privileged(spec, grant)
             return spawner.spawn(spec)
         finally:
@@ -545,3 +551,54 @@ class ConnectionHandler:
                 self.send(P.error_for(e, req.id, P.STAGE_POLICY))
                 return
             self.send(P.Ok(id=req.id))
+
+
+# ---------------------------------------------------------------------------- issue 11
+# What the child inherits from its caller: request -> SpawnSpec fields (spawnd/peer.py).
+
+_DAEMON_UID = os.geteuid()
+
+
+def caller_cwd(req: P.Spawn) -> bytes | None:
+    """Where the caller's relative names point: its cwd fd (as /proc/self/fd/N), joined with
+    ``cwd=`` (itself relative to the caller's cwd, as with subprocess)."""
+    fd = req.cwd_dir_fd
+    if fd is None:
+        return req.cwd
+    if not stat.S_ISDIR(os.fstat(fd).st_mode):
+        raise spawner.SpawnError(errno.ENOTDIR, spawner.STAGE_CWD, req.cwd or b".")
+    base = b"/proc/self/fd/%d" % fd
+    return base if req.cwd is None else os.path.join(base, req.cwd)
+
+
+def inherited_spec(policy: Policy, who: Peer, sock: trio.socket.SocketType, req: P.Spawn,
+                   grant: Grant) -> dict[str, object]:
+    """SpawnSpec keyword arguments: the caller's cwd fd, and its limits, nice and affinity
+    where they differ from the daemon's. A peer of another uid passes on at most its real
+    limits and nice value, read from the kernel, unless ``policy`` grants more."""
+    own = peer.own_state()
+    ceiling: peer.KernelState | None = None
+    granted: frozenset[int] = frozenset()
+    if who.uid != _DAEMON_UID:
+        try:
+            ceiling = peer.peer_state(sock, who.pid)  # type: ignore[arg-type]
+        except peer.PeerGone as e:
+            raise Refused(e.errno or errno.ESRCH, str(e.strerror or e)) from None
+        granted = policy.inherit_grants(who, grant)
+    fill = ceiling is not None  # a capped peer's child never gets the daemon's own limits
+    if _DAEMON_UID != 0:  # the kernel would refuse more than the daemon's own hard limits
+        ceiling = peer.meet(ceiling, peer.daemon_ceiling(own))
+    got = peer.decide(peer.wire_limits(req.limits), req.nice, req.affinity, own, ceiling,
+                      granted, fill=fill)
+    return {"cwd_fd": req.cwd_dir_fd, "rlimits": got.rlimits, "nice": got.nice,
+            "affinity": got.affinity, "ctty": req.ctty}
+
+
+def pool_spec(spec: spawner.SpawnSpec) -> spawner.SpawnSpec:
+    """A warm pool keys on ``cwd`` and refills later, after this request's fds are closed: give
+    it the caller's cwd as a path (a directory renamed meanwhile is not followed there)."""
+    if spec.cwd_fd is None:
+        return spec
+    where = os.readlink(b"/proc/self/fd/%d" % spec.cwd_fd)
+    return dataclasses.replace(spec, cwd_fd=None,
+                               cwd=where if spec.cwd is None else os.path.join(where, spec.cwd))

@@ -12,6 +12,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import resource
 import signal
 import stat
 from collections.abc import Sequence
@@ -30,6 +31,8 @@ __all__ = [
 STAGE_FDS = "fds"
 STAGE_CWD = "cwd"
 STAGE_EXEC = "exec"
+STAGE_RLIMITS = "rlimits"
+STAGE_AFFINITY = "affinity"
 
 #: Highest fd number a client may ask for; RLIMIT_NOFILE usually bounds it far lower.
 MAX_TARGET_FD = 1_000_000
@@ -73,6 +76,7 @@ _fa_open = _bind(
     "posix_spawn_file_actions_addopen", _vp, _int, ctypes.c_char_p, _int, ctypes.c_uint
 )
 _fa_chdir = _bind("posix_spawn_file_actions_addchdir_np", _vp, ctypes.c_char_p)
+_fa_fchdir = _bind("posix_spawn_file_actions_addfchdir_np", _vp, _int)
 _fa_closefrom = _bind("posix_spawn_file_actions_addclosefrom_np", _vp, _int)
 _attr_init = _bind("posix_spawnattr_init", _vp)
 _attr_destroy = _bind("posix_spawnattr_destroy", _vp)
@@ -149,7 +153,14 @@ class SpawnSpec:
     pgroup: int | None = None
     umask: int | None = None
     exec_fd: int | None = None
-    restore_signals: bool = True  # False: SIGPIPE/SIGXFSZ stay ignored, as the stdlib does
+    # Inherited caller state and isolation (issue 11); the defaults keep the daemon's own.
+    cwd_fd: int | None = None  # daemon fd of a directory: fchdir(cwd_fd), then chdir(cwd)
+    rlimits: tuple[tuple[int, int, int], ...] = ()  # (RLIMIT_*, soft, hard) for the child
+    nice: int | None = None  # absolute nice value
+    affinity: tuple[int, ...] | None = None  # CPU numbers
+    namespaces: tuple[str, ...] = ()  # subset of NAMESPACES
+    ctty: int | None = None  # a target fd in fd_map that becomes the controlling terminal
+    restore_signals: bool = True  # False: SIGPIPE/SIGXFSZ stay ignored (stdlib semantics)
 
 
 def spawn(spec: SpawnSpec) -> int:
@@ -188,7 +199,12 @@ def spawn(spec: SpawnSpec) -> int:
     _fa_init(actions)  # both inits are a memset in glibc: they cannot fail
     _attr_init(attr)
     old_umask: int | None = None
+    saved_limits: list[tuple[int, tuple[int, int]]] = []
+    saved_affinity: set[int] | None = None
     try:
+        if spec.cwd_fd is not None:
+            # First, before any dup2/close action can reuse or close that fd number.
+            _ok(_fa_fchdir(actions, spec.cwd_fd), STAGE_CWD, spec.cwd)
         _add_fd_actions(actions, targets, moved, top)
         if spec.cwd is not None:
             _ok(_fa_chdir(actions, spec.cwd), STAGE_CWD, spec.cwd)
@@ -200,10 +216,13 @@ def spawn(spec: SpawnSpec) -> int:
             _ok(_attr_setpgroup(attr, pgroup), STAGE_EXEC)
         if spec.umask is not None:
             old_umask = os.umask(spec.umask)  # the child inherits it; single-threaded
+        saved_limits = _borrow_rlimits(spec.rlimits)
+        saved_affinity = _borrow_affinity(spec.affinity)
         err = _posix_spawn(ctypes.byref(pid), path, actions, attr, argv, envp)
     finally:
         if old_umask is not None:
             os.umask(old_umask)
+        _give_back(saved_limits, saved_affinity)
         _attr_destroy(attr)
         _fa_destroy(actions)
         for fd in moved.values():
@@ -245,6 +264,53 @@ def resolve_executable(name: bytes, path_env: bytes | None, cwd: bytes | None) -
 
 
 # --- helpers ---------------------------------------------------------------------------
+
+
+def _borrow_rlimits(limits: Sequence[tuple[int, int, int]]) -> list[tuple[int, tuple[int, int]]]:
+    """Give the daemon the child's soft limits for the length of one posix_spawn.
+
+    The child inherits them; the daemon is single-threaded, so nothing else runs before
+    :func:`_give_back`. Only soft limits under the same hard limit: anything else needs the
+    exec helper (``privileged.needs_helper`` routes it there), so it is refused here.
+    """
+    saved: list[tuple[int, tuple[int, int]]] = []
+    try:
+        for res, soft, hard in limits:
+            cur = resource.getrlimit(res)
+            if (soft, hard) == cur:
+                continue
+            if hard != cur[1]:
+                raise SpawnError(errno.EPERM, STAGE_RLIMITS)
+            resource.setrlimit(res, (soft, hard))
+            saved.append((res, cur))
+    except (OSError, ValueError) as exc:
+        _give_back(saved, None)
+        if isinstance(exc, SpawnError):
+            raise
+        raise SpawnError(getattr(exc, "errno", None) or errno.EINVAL, STAGE_RLIMITS) from None
+    return saved
+
+
+def _borrow_affinity(cpus: Sequence[int] | None) -> set[int] | None:
+    """Likewise the CPU affinity (the child inherits it across posix_spawn)."""
+    if cpus is None:
+        return None
+    cur = os.sched_getaffinity(0)
+    if set(cpus) == cur:
+        return None
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as exc:
+        raise SpawnError(exc.errno, STAGE_AFFINITY) from None
+    return cur
+
+
+def _give_back(limits: list[tuple[int, tuple[int, int]]], affinity: set[int] | None) -> None:
+    for res, old in reversed(limits):
+        resource.setrlimit(res, old)
+    if affinity is not None:
+        os.sched_setaffinity(0, affinity)
+
 
 
 def _ok(err: int, stage: str, filename: bytes | None = None) -> None:
@@ -311,14 +377,16 @@ def _classify(err: int, spec: SpawnSpec) -> SpawnError:
     """Name the failed stage: posix_spawn returns only an errno, so re-check the cwd."""
     if err in (errno.EBADF, errno.EMFILE):
         return SpawnError(err, STAGE_FDS)
-    if spec.cwd is not None and not _usable_dir(spec.cwd):
+    if spec.cwd_fd is not None and not _usable_dir(b".", spec.cwd_fd):
+        return SpawnError(err, STAGE_CWD, spec.cwd)
+    if spec.cwd is not None and not _usable_dir(spec.cwd, spec.cwd_fd):
         return SpawnError(err, STAGE_CWD, spec.cwd)
     return SpawnError(err, STAGE_EXEC, spec.executable)
 
 
-def _usable_dir(path: bytes) -> bool:
+def _usable_dir(path: bytes, dir_fd: int | None = None) -> bool:
     try:
-        st = os.stat(path)
+        st = os.stat(path, dir_fd=dir_fd)
     except OSError:
         return False
-    return stat.S_ISDIR(st.st_mode) and os.access(path, os.X_OK)
+    return stat.S_ISDIR(st.st_mode) and os.access(path, os.X_OK, dir_fd=dir_fd)

@@ -24,9 +24,12 @@ from typing import Any
 from conftest import REPO, Daemon, start_daemon
 
 SYSTEM_PYTHON = "/usr/bin/python3"
-GROUP = "spawnd-e2e-g"
-USER_A = "spawnd-e2e-a"
-USER_B = "spawnd-e2e-b"
+# SPAWND_E2E_PREFIX: other names, so parallel runs on one machine do not delete each
+# other's users.
+_PREFIX = os.environ.get("SPAWND_E2E_PREFIX", "spawnd-e2e")
+GROUP = f"{_PREFIX}-g"
+USER_A = f"{_PREFIX}-a"
+USER_B = f"{_PREFIX}-b"
 SETPRIV = shutil.which("setpriv")
 USERADD = shutil.which("useradd")
 
@@ -133,9 +136,13 @@ def write_policy(dest: Path, text: str, name: str = "policy.toml") -> Path:
 
 
 def start_root_daemon(dest: Path, policy: str | None, *, group: str = GROUP,
-                      env: dict[str, str] | None = None, name: str = "spawnd.sock") -> Daemon:
-    """``spawnd serve`` as root on ``dest/name``, 0660 for ``group``, with ``policy`` text."""
+                      env: dict[str, str] | None = None, name: str = "spawnd.sock",
+                      exec_helper: str | None = None) -> Daemon:
+    """``spawnd serve`` as root on ``dest/name``, 0660 for ``group``, with ``policy`` text
+    (and ``--exec-helper``: "c" or "python", when given)."""
     extra = ["--group", group]
+    if exec_helper is not None:
+        extra += ["--exec-helper", exec_helper]
     if policy is not None:
         extra += ["--config", str(write_policy(dest, policy, name + ".toml"))]
     return start_daemon(dest, *extra, env=daemon_env(env), name=name)

@@ -1,4 +1,7 @@
-"""spawnd.privileged: real credential/capability/rlimit changes through the trampoline.
+"""spawnd.privileged: real credential/capability/rlimit changes through the exec helper.
+
+Every test runs twice: with the C helper (spawnd-exec, built here if needed) and with its
+Python twin (the fallback), which must behave identically.
 
 Needs root (it creates users and changes uids). Every child started here is reaped here:
 the test plays the server's part.
@@ -28,6 +31,18 @@ from spawnd.spawner import SpawnError, SpawnSpec
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0,
     reason="changes uids and capabilities, and creates test users: must run as root")
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def exec_helper(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test against one exec helper; restore the automatic choice afterwards."""
+    from spawnd.exec_helper import build
+
+    if request.param == "c" and not build.ensure_built():
+        pytest.skip("no C compiler: the C exec helper cannot be built")
+    privileged.configure(request.param)
+    yield request.param
+    privileged.configure("auto")
+
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # readable by other users (unlike /root/.pyenv)
 CAT = b"/usr/bin/cat"
@@ -320,7 +335,7 @@ async def test_failed_credentials_are_synchronous(users: tuple[Account, Account]
     a, _ = users
     too_many = tuple(range(100_000, 100_000 + 70_000))  # above NGROUPS_MAX (65536)
     await expect_error(Grant(executable=CAT, argv=(b"x",), env=(), uid=a.uid, gid=a.gid,
-                             groups=too_many), "credentials", errno.EINVAL)
+                             groups=too_many), "groups", errno.EINVAL)
 
 
 async def test_failed_capability_is_synchronous(users: tuple[Account, Account]) -> None:
@@ -411,9 +426,32 @@ async def test_wedged_trampoline_times_out_and_is_reaped(
 
 # ---------------------------------------------------------------------------- exec by fd
 
+async def test_swapped_path_is_refused_for_another_user(users: tuple[Account, Account],
+                                                        shared_dir: Path) -> None:
+    """The helper opens the path again as the target user: another file there is EACCES
+    (the old trampoline ran the fd opened by root, whatever the path had become)."""
+    a, _ = users
+    prog = shared_dir / "prog"
+    shutil.copy2("/usr/bin/echo", prog)
+    fd, _ = privileged.open_executable(os.fsencode(prog))
+    impostor = shared_dir / "impostor"
+    shutil.copy2("/usr/bin/echo", impostor)
+    os.rename(impostor, prog)  # the path now names another file
+    before = len(os.listdir("/proc/self/fd"))
+    spec = SpawnSpec(executable=os.fsencode(prog), argv=(b"prog", b"x"), env=(), exec_fd=fd)
+    try:
+        with pytest.raises(SpawnError) as info:
+            await privileged.spawn_privileged(spec, as_user(a))
+    finally:
+        os.close(fd)
+    assert (info.value.stage, info.value.errno) == ("exec", errno.EACCES)
+    assert len(os.listdir("/proc/self/fd")) == before - 1
+    assert no_children_left()
+
+
 async def test_swapped_path_still_runs_the_checked_file(users: tuple[Account, Account],
                                                          shared_dir: Path) -> None:
-    a, _ = users
+    """Same uid (root), no credential switch: the checked fd is what runs."""
     prog = shared_dir / "prog"
     shutil.copy2("/usr/bin/echo", prog)
     fd, is_script = privileged.open_executable(os.fsencode(prog))
@@ -427,7 +465,8 @@ async def test_swapped_path_still_runs_the_checked_file(users: tuple[Account, Ac
     spec = SpawnSpec(executable=os.fsencode(prog), argv=(b"prog", b"original"), env=(),
                      fd_map=((out_w, 1),), exec_fd=fd)
     try:
-        pid = await privileged.spawn_privileged(spec, as_user(a))
+        pid = await privileged.spawn_privileged(
+            spec, Grant(executable=CAT, argv=(b"x",), env=(), no_new_privs=True))
     finally:
         os.close(fd)
         os.close(out_w)
@@ -477,7 +516,7 @@ def test_trampoline_libc_bindings(which: str) -> None:
     """Both bindings (the fast private one and its ctypes fallback) call prctl correctly."""
     from spawnd import _trampoline
 
-    prctl, capset, get_errno = getattr(_trampoline, which)()
+    prctl, capset, *_, get_errno = getattr(_trampoline, which)()
     pr_capbset_read = 23
     assert prctl(pr_capbset_read, caps.number("CAP_CHOWN"), 0, 0, 0) == 1
     assert prctl(pr_capbset_read, 10_000, 0, 0, 0) == -1 and get_errno() == errno.EINVAL

@@ -12,6 +12,7 @@ from typing import Any
 from spawnd import protocol as P
 from spawnd.paths import default_socket_path
 
+from ._caller import CallerState, caller_state
 from ._transport import Transport
 from .autostart import private_daemon
 from .errors import DaemonConnectionError, DaemonUnavailable
@@ -33,7 +34,7 @@ def spawn_request(rid: int, argv: Sequence[StrOrBytes], *, env: Mapping[Any, Any
                   fds: Mapping[int, int] | None, executable: StrOrBytes | None,
                   cwd: StrOrBytes | None, extra_groups: Iterable[int] | None,
                   capabilities: Iterable[str], rlimits: Mapping[str, tuple[int, int]] | None,
-                  **flags: Any) -> tuple[P.Spawn, list[int]]:
+                  caller: CallerState | None = None, **flags: Any) -> tuple[P.Spawn, list[int]]:
     """The request and the fds to send with it, shared by the blocking and async clients.
 
     Our fds are checked here: a closed fd would fail ``sendmsg`` and look like a broken
@@ -42,6 +43,8 @@ def spawn_request(rid: int, argv: Sequence[StrOrBytes], *, env: Mapping[Any, Any
     items = sorted((fds or {}).items())
     for _, fd in items:
         os.fstat(fd)
+    if caller is not None:  # inherit the caller's state (issue 11): see _caller.py
+        flags = _with_caller(flags, caller)
     req = P.Spawn(
         id=rid, argv=tuple(_b(a) for a in argv), env=tuple(encode_env(env)),
         executable=None if executable is None else _b(executable),
@@ -57,7 +60,18 @@ def spawn_request(rid: int, argv: Sequence[StrOrBytes], *, env: Mapping[Any, Any
     for path in (req.executable, req.cwd):
         if path is not None and len(path) > P.MAX_STR:
             raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), path)
-    return req, [fd for _, fd in items]
+    send = [fd for _, fd in items]
+    if caller is not None and caller.cwd_fd is not None:
+        send.append(caller.cwd_fd)  # issue 11: the request's cwd_fd flag names it
+    return req, send
+
+
+def _with_caller(flags: dict[str, Any], caller: CallerState) -> dict[str, Any]:
+    """Add the captured state; an explicit ``umask=`` wins. (The cwd fd is sent last.)"""
+    flags = {**flags, **caller.request_fields()}
+    if flags.get("umask") is None:
+        flags["umask"] = caller.umask
+    return flags
 
 
 class Child:
@@ -178,38 +192,47 @@ class Client:
               extra_groups: Iterable[int] | None = None, umask: int | None = None,
               capabilities: Iterable[str] = (), rlimits: Mapping[str, tuple[int, int]] | None = None,
               no_new_privs: bool = False, warm: Mapping[str, Any] | None = None,
-              args: Any = None, restore_signals: bool = True) -> Child:
+              args: Any = None, namespaces: Iterable[str] = (),
+              ctty: int | None = None, restore_signals: bool = True) -> Child:
         """Start a child; raises ``FileNotFoundError`` etc. at once if it cannot run.
 
         ``fds`` maps the child's fd numbers to our fds (sent with SCM_RIGHTS); the child
         gets those and nothing else (0-2 not given are ``/dev/null``). ``env`` None sends
         our own environment. ``warm`` (``{"size": n, "idle_timeout": s}``) lets the daemon
         serve this request from pre-started identical processes; the program must follow
-        the warm handoff contract (see docs/multiprocessing.md).
+        the warm handoff contract (see docs/multiprocessing.md). The child inherits our cwd
+        (``cwd=`` is relative to it), umask, rlimits, nice value and CPU affinity, as with
+        ``subprocess``. ``ctty`` names one of the child's fds as its controlling terminal.
         """
         t = self.transport()
         rid = t.next_id()
-        req, send_fds = spawn_request(
-            rid, argv, env=env, fds=fds, executable=executable, cwd=cwd,
-            start_new_session=start_new_session, process_group=process_group,
-            on_disconnect=on_disconnect, grace=grace, want_pidfd=want_pidfd, user=user,
-            group=group, extra_groups=extra_groups, umask=umask, capabilities=capabilities,
-            rlimits=rlimits, no_new_privs=no_new_privs,
-            warm=None if warm is None else dict(warm),
-            restore_signals=restore_signals)  # subprocess's flag (SIGPIPE/SIGXFSZ)
+        caller = caller_state()  # issue 11: what a forked child inherits; closed when sent
+        try:
+            req, send_fds = spawn_request(
+                rid, argv, env=env, fds=fds, executable=executable, cwd=cwd,
+                start_new_session=start_new_session, process_group=process_group,
+                on_disconnect=on_disconnect, grace=grace, want_pidfd=want_pidfd, user=user,
+                group=group, extra_groups=extra_groups, umask=umask, capabilities=capabilities,
+                rlimits=rlimits, no_new_privs=no_new_privs,
+                warm=None if warm is None else dict(warm), caller=caller, ctty=ctty,
+                namespaces=tuple(namespaces),  # new namespaces (issue 11)
+                restore_signals=restore_signals)  # subprocess's flag (SIGPIPE/SIGXFSZ)
 
-        def adopt(ev: P.Spawned) -> Child:
-            pidfd = ev.fds_received[0] if ev.pidfd and ev.fds_received else None
-            child = Child(self, t, ev.pid, pidfd, args if args is not None else argv)
-            t.exit_handlers[rid] = child._on_exit
-            return child
+            def adopt(ev: P.Spawned) -> Child:
+                pidfd = ev.fds_received[0] if ev.pidfd and ev.fds_received else None
+                child = Child(self, t, ev.pid, pidfd, args if args is not None else argv)
+                t.exit_handlers[rid] = child._on_exit
+                return child
 
-        return t.request(req, send_fds, on_spawned=adopt)
+            return t.request(req, send_fds, on_spawned=adopt)
+        finally:
+            caller.close()
 
     def ping(self) -> dict[str, int]:
         t = self.transport()
         pong = t.request(P.Ping(id=t.next_id()))
-        return {"pid": pong.pid, "children": pong.children, "connections": pong.connections}
+        return {"pid": pong.pid, "children": pong.children, "connections": pong.connections,
+                "exec_helper": pong.exec_helper}
 
     def close(self) -> None:
         with self._lock:
