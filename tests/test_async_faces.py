@@ -108,6 +108,27 @@ def test_anyio_run_process_input_and_check_error(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_children_inherit_the_callers_cwd_and_umask(backend: str, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like subprocess: the async faces send the caller's state too (issue 11)."""
+    monkeypatch.chdir(tmp_path)
+    old = os.umask(0o027)
+    try:
+        async def main() -> Any:
+            a = await aio.run_process("pwd; umask")
+            p = await sa.create_subprocess_shell("pwd; umask", stdout=sa.PIPE) \
+                if backend == "asyncio" else None
+            return a, (await p.communicate())[0] if p is not None else None
+
+        a, b = run(backend, main)
+    finally:
+        os.umask(old)
+    assert a.stdout.decode().split() == [str(tmp_path), "0027"]
+    if b is not None:
+        assert b.decode().split() == [str(tmp_path), "0027"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_text_round_trips(backend: str) -> None:
     text = "héllo wörld ✓ 日本語\n" * 5000  # multi-byte characters split across chunks
 

@@ -39,6 +39,7 @@ from spawnd.paths import default_socket_path
 
 from ._transport import check_frame_size, new_socket, off_stdio
 from .autostart import private_daemon
+from ._caller import caller_state
 from .client import StrOrBytes, spawn_request
 from .errors import DaemonConnectionError, DaemonUnavailable, error_to_exception
 
@@ -612,9 +613,10 @@ async def _spawn(conn: _Connection, argv: Sequence[StrOrBytes], *,
     options.setdefault("extra_groups", None)
     options.setdefault("capabilities", ())
     options.setdefault("rlimits", None)
-    req, send_fds = spawn_request(conn.next_id(), argv, env=env, fds=fds,
-                                  executable=executable, cwd=cwd, **options)
-    return await conn.request(req, send_fds)
+    with caller_state() as caller:  # the child inherits our cwd, umask, limits (issue 11)
+        req, send_fds = spawn_request(conn.next_id(), argv, env=env, fds=fds,
+                                      executable=executable, cwd=cwd, caller=caller, **options)
+        return await conn.request(req, send_fds)
 
 
 # ---------------------------------------------------------------- stdio and the spawn itself
