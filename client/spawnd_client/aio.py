@@ -37,9 +37,9 @@ from spawnd import fdpass
 from spawnd import protocol as P
 from spawnd.paths import default_socket_path
 
+from ._caller import caller_state
 from ._transport import check_frame_size, new_socket, off_stdio
 from .autostart import private_daemon
-from ._caller import caller_state
 from .client import StrOrBytes, spawn_request
 from .errors import DaemonConnectionError, DaemonUnavailable, error_to_exception
 
