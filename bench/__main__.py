@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-PARTS = ("latency", "throughput", "memory", "mp", "privileged")
+PARTS = ("latency", "throughput", "memory", "mp", "cost", "privileged")
 
 
 def _raise_nofile() -> None:
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "background_busy_cpus_at_start": load, "loadavg_at_start": os.getloadavg()}}
     failed: list[str] = []
     daemon = common.Daemon(common.workdir(), name="bench")
-    if {"latency", "throughput", "mp"} & set(parts):
+    if {"latency", "throughput", "mp", "cost"} & set(parts):
         daemon.start()
         results["meta"]["daemon_pid"] = daemon.pid
         common.log(f"bench daemon {daemon.pid} on {daemon.path}")
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         daemon.stop()
 
     results["targets"] = report.targets(results)
+    results["targets12"] = report.targets12(results)
     png = args.out / "latency.png"
     if "latency" in results and "configs" in results["latency"]:
         drawn = report.plot(results["latency"], png)
@@ -156,6 +157,10 @@ def _run_part(part: str, socket_path: str, quick: bool) -> dict[str, Any]:
         from . import mp
 
         return mp.run(socket_path, quick=quick)
+    if part == "cost":
+        from . import cost
+
+        return cost.run(socket_path, quick=quick)
     from . import privileged
 
     return privileged.run(quick=quick)
@@ -191,6 +196,7 @@ def _text(results: dict[str, Any]) -> str:
 
         blocks.append(profile.text(results["profile"]))
     blocks.append(report.targets_table(results["targets"]))
+    blocks.append(report.targets_table(results["targets12"], issue=12))
     return "\n\n".join(blocks)
 
 

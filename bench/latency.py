@@ -49,6 +49,11 @@ METHODS: dict[str, str] = {
 REFERENCES: dict[str, str] = {
     "posix_spawn_small": "os.posix_spawn from a small process (sidecar)",
     "spawnd_ping": "spawnd ping round trip (no spawn)",
+    # issue 12: the caller's full environment, stdio passed (what a user's call sends)
+    "posix_spawn_env": "os.posix_spawn+waitpid, full environment",
+    "spawnd_client_env": "spawnd Client.spawn, full environment, fds 0-2",
+    "subprocess_env": "subprocess.Popen(argv).wait() (defaults)",
+    "spawnd_popen_env": "spawnd Popen(argv).wait() (defaults)",
 }
 
 FULL_SIZES = [0, 256, 1024, 4096]
@@ -163,7 +168,36 @@ def _methods(client: Any, sidecar_proc: subprocess.Popen[bytes]) -> dict[str, Ca
         client.ping()
         return clock() - t0
 
+    full_env = dict(os.environ)
+    stdio = {0: 0, 1: 1, 2: 2}
+
+    def posix_spawn_env() -> int:
+        t0 = clock()
+        pid = os.posix_spawn(TRUE, argv, full_env)
+        os.waitpid(pid, 0)
+        return clock() - t0
+
+    def spawnd_client_env() -> int:
+        t0 = clock()
+        child = client.spawn(argv, fds=stdio)  # env None: the caller's environment
+        child.wait()
+        dt = clock() - t0
+        child.close()
+        return dt
+
+    def popen_env() -> int:
+        t0 = clock()
+        subprocess.Popen(argv).wait()
+        return clock() - t0
+
+    def spawnd_popen_env() -> int:
+        t0 = clock()
+        sc.Popen(argv, client=client).wait()
+        return clock() - t0
+
     return {
+        "posix_spawn_env": posix_spawn_env, "spawnd_client_env": spawnd_client_env,
+        "subprocess_env": popen_env, "spawnd_popen_env": spawnd_popen_env,
         "fork_exec": fork_exec, "posix_spawn": posix_spawn, "subprocess": popen,
         "mp_fork": mp_process(ctx_fork), "mp_forkserver": mp_process(ctx_fs),
         "mp_spawn": mp_process(ctx_spawn), "spawnd_popen": spawnd_popen,

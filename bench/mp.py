@@ -32,11 +32,13 @@ CONTEXTS: dict[str, str] = {
     "fork": "fork",
     "forkserver": "forkserver",
     "spawn": "spawn",
+    "spawnd_default": "spawnd (no options)",
     "spawnd_cold": "spawnd (cold)",
     "spawnd_warm": "spawnd (warm pool)",
 }
 MEASURES: dict[str, str] = {
     "process_running": "Process start -> target running",
+    "first_running": "first Process start of the context -> target running",
     "process_exit": "Process start -> exit",
     "pool": "Pool(1) -> first result",
     "executor": "ProcessPoolExecutor(1) -> first result",
@@ -61,11 +63,12 @@ def _contexts(cfg: dict[str, Any], notes: list[str]) -> dict[str, Any]:
         from spawnd_client import mp as smp
 
         common = {"socket": cfg["socket"], "autostart": False}
+        ctxs["spawnd_default"] = smp.get_context(**common)  # no options: what users get
         ctxs["spawnd_cold"] = smp.get_context(warm=0, **common)
         ctxs["spawnd_warm"] = smp.get_context(warm=cfg["warm"], preload=[MODULE], **common)
     except Exception as e:  # a half-built start method must not stop the others
         notes.append(f"spawnd rows skipped: spawnd_client.mp.get_context failed: {e!r}")
-        for k in ("spawnd_cold", "spawnd_warm"):
+        for k in ("spawnd_default", "spawnd_cold", "spawnd_warm"):
             ctxs.pop(k, None)
     return ctxs
 
@@ -126,8 +129,8 @@ def runner(cfg: dict[str, Any]) -> dict[str, Any]:
             errors[key] = repr(e)
             notes.append(f"{CONTEXTS[key]}: failed: {e!r}")
 
-    for k in keys:  # warm-up: starts the forkserver and spawnd's pool
-        measure(k, lambda k=k: process(ctxs[k]))
+    for k in keys:  # warm-up: starts the forkserver and spawnd's pool (the first start)
+        measure(k, lambda k=k: samples["first_running"][k].append(process(ctxs[k])[0]))
     rng = rounds_rng()
     for _ in range(cfg["rounds"]):
         for k in shuffled(keys, rng):

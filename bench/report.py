@@ -215,8 +215,89 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def targets_table(ts: list[dict[str, Any]]) -> str:
-    lines = ["Targets from issue 7 (informational: a MISS never fails the run)"]
+def targets12(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 12's targets 1-7, each from ratios measured in the same interleaved rounds."""
+    out: list[dict[str, Any]] = []
+    lat = results.get("latency") or {}
+    if lat.get("configs"):
+        big_cfg = _config(lat, max(lat["sizes_mib"]), max(lat["threads"]))
+        small_cfg = _config(lat, 0, 0)
+        for where, c in (("small process", small_cfg),
+                         (f"{size_label(max(lat['sizes_mib']))}, {max(lat['threads'])}-thread "
+                          "parent", big_cfg)):
+            sd, ps = _median(c, "spawnd_client_env"), _median(c, "posix_spawn_env")
+            out.append(_target(f"1. Client.spawn+wait, full env, fds 0-2 / os.posix_spawn+"
+                               f"waitpid (same env), {where}", ratio(sd, ps), "<=", 1.3, "x",
+                               f"{ms(sd)} ms vs {ms(ps)} ms"))
+        for where, c in (("small process", small_cfg),
+                         (f"{size_label(max(lat['sizes_mib']))}, {max(lat['threads'])}-thread "
+                          "parent", big_cfg)):
+            sd, sp = _median(c, "spawnd_popen_env"), _median(c, "subprocess_env")
+            out.append(_target(f"2. spawnd Popen(argv).wait() / subprocess.Popen(argv).wait(), "
+                               f"{where}", ratio(sd, sp), "<=", 1.15, "x",
+                               f"{ms(sd)} ms vs {ms(sp)} ms"))
+    else:
+        out.append(_target("1./2. latency", None, "<=", 1.3, skip="latency not measured"))
+    cost = results.get("cost") or {}
+    if "plain" in cost:
+        pl, fe = cost["plain"], cost["full_env_stdio"]
+        out.append(_target(f"3. daemon CPU per plain spawn ({cost['spawns']} spawns)",
+                           pl["daemon_cpu_ms"], "<=", 0.2, " ms",
+                           f"full env + fds 0-2: {fe['daemon_cpu_ms']} ms"))
+        out.append(_target(f"3. client CPU per Client.spawn ({cost['spawns']} spawns)",
+                           pl["client_cpu_ms"], "<=", 0.1, " ms",
+                           f"full env + fds 0-2: {fe['client_cpu_ms']} ms"))
+    else:
+        out.append(_target("3. CPU per spawn", None, "<=", 0.2, " ms", skip="not measured"))
+    tp = results.get("throughput") or {}
+    if tp.get("methods"):
+        m = tp["methods"]
+        ref = m.get("py_w1") or {}
+        py1 = ref.get("best_per_s")
+        s8 = m["spawnd_t8"]["best_per_s"]
+        out.append(_target("4. throughput, 8 client threads / one-process os.posix_spawn loop",
+                           ratio(s8, py1), ">=", 0.7, "x",
+                           f"{s8:.0f}/s vs {py1 or 0:.0f}/s (1 in flight); vs the best loop: "
+                           + x(ratio(s8, max(v["best_per_s"] for k, v in m.items()
+                                             if k.startswith("py_"))))))
+    mpres = (results.get("mp") or {}).get("results") or {}
+    per = mpres.get("process_running", {})
+    if "spawnd_default" in per and "forkserver" in per:
+        d, f = per["spawnd_default"]["median_us"], per["forkserver"]["median_us"]
+        out.append(_target("5. mp with no options, start->target running / forkserver",
+                           ratio(d, f), "<=", 0.5, "x", f"{ms(d)} ms vs {ms(f)} ms"))
+        if "fork" in per:
+            fk = per["fork"]["median_us"]
+            out.append(_target("5. (moonshot) mp with no options / fork", ratio(d, fk), "<=",
+                               1.0, "x", f"{ms(d)} ms vs {ms(fk)} ms"))
+        first = mpres.get("first_running", {})
+        if "spawnd_default" in first and "spawnd_cold" in per:
+            fd, cold = first["spawnd_default"]["median_us"], per["spawnd_cold"]["median_us"]
+            out.append(_target("5. first start with no options / a cold start", ratio(fd, cold),
+                               "<=", 1.0, "x", f"{ms(fd)} ms vs {ms(cold)} ms (one sample)"))
+    else:
+        out.append(_target("5. mp with no options", None, "<=", 0.5, "x", skip="not measured"))
+    imp = cost.get("imports") or {}
+    if "subprocess" in imp:
+        base = imp["subprocess"]["median_ms"]
+        for mod in ("spawnd_client", "spawnd_client.mp"):
+            v = imp.get(mod, {}).get("median_ms")
+            out.append(_target(f"6. import {mod} / import subprocess (fresh interpreters)",
+                               ratio(v, base), "<=", 2.0, "x", f"{v} ms vs {base} ms"))
+    mem = results.get("memory") or {}
+    if mem.get("idle"):
+        out.append(_target("7. daemon idle RSS", round(mem["idle"]["VmRSS"] / 1024, 1), "<=", 30,
+                           " MiB"))
+        out.append(_target(f"7. per live child ({mem['children']} children)",
+                           round(mem["per_child_bytes"] / 1024, 2), "<=", 2, " KiB"))
+        d1 = mem["after_minus_idle_kib"]
+        out.append(_target("7. after the children exit, distance from idle",
+                           round(abs(d1) / 1024, 2), "<=", 2, " MiB", f"{d1 / 1024:+.2f} MiB"))
+    return out
+
+
+def targets_table(ts: list[dict[str, Any]], issue: int = 7) -> str:
+    lines = [f"Targets from issue {issue} (informational: a MISS never fails the run)"]
     for t in ts:
         value = "-" if t["value"] is None else f"{t['value']}{t['unit']}"
         lines.append(f"  {t['status']:4}  {t['target']}: {value} (goal {t['op']} "
@@ -303,6 +384,12 @@ def markdown(results: dict[str, Any]) -> str:
         [[f"**{t['status']}**", t["target"],
           "-" if t["value"] is None else f"{t['value']}{t['unit']}",
           f"{t['op']} {t['limit']}{t['unit']}", t["detail"]] for t in results["targets"]]))
+    parts.append("### Targets of issue 12\n\n" + md_table(
+        ["", "target", "measured", "goal", "detail"],
+        [[f"**{t['status']}**", t["target"],
+          "-" if t["value"] is None else f"{t['value']}{t['unit']}",
+          f"{t['op']} {t['limit']}{t['unit']}", t["detail"]]
+         for t in results.get("targets12", [])]))
     lat = results.get("latency", {})
     if "configs" in lat:
         for threads in lat["threads"]:

@@ -1,21 +1,35 @@
-"""The table of live children: pidfd watching, reaping exactly once, exit fan-out, lifetimes.
+"""The table of live children: one reaper over one epoll of pidfds, timers, exit fan-out.
 
 Every child the daemon starts is added here the moment ``posix_spawn`` returns and stays
 until it has been reaped, whatever happens to the connection that asked for it. A child is
-watched through its pidfd in the trio loop (no SIGCHLD handler, no thread), reaped with
-``waitid(P_PIDFD)`` so a recycled pid can never be confused with it, and its exit is handed
-to its owner if it still has one.
+watched through its pidfd, reaped with ``waitid(P_PIDFD)`` so a recycled pid can never be
+confused with it, and its exit is handed to its owner if it still has one.
+
+Why one reaper and not a task per child: a trio task plus its pidfd registration cost about
+2 KiB and tens of microseconds of scheduling per child. Here every pidfd sits in one
+``select.epoll`` set and a single task waits for that one fd to become readable, then reaps
+whatever is ready without blocking. The same task services one heap of timers (the SIGKILL
+after a ``terminate`` grace, re-checks of children that cannot be reaped yet), so a live
+child costs a :class:`Child` record and an fd, nothing else.
+
+Reaping never blocks the loop. A pidfd can be readable while ``waitid`` finds nothing: a
+child traced by another process (strace, gdb, a crash reporter's ``PTRACE_SEIZE``) becomes
+a zombie only its tracer can wait for. Such a child leaves the epoll set (level-triggered, it
+would spin) and is re-checked with ``WNOHANG`` on a backoff timer until the tracer lets go.
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import heapq
 import logging
+import math
 import os
+import select
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
@@ -23,11 +37,18 @@ log = logging.getLogger("spawnd")
 
 ExitCallback = Callable[["Child"], None]
 
+TRIM_AFTER = 256  # children alive at once before an empty table gives memory back
+RECHECK_FIRST = 0.01  # a readable pidfd that waitid cannot reap: first re-check after this
+RECHECK_MAX = 1.0  # ... doubling up to this (a tracer can hold a zombie for hours)
+UNREAPABLE_BOUND = 3.0  # shutdown: how long to wait for children only a tracer can reap
+_TIMER_KILL = 0
+_TIMER_RECHECK = 1
+
 
 @dataclass(eq=False, slots=True)
 class Child:
     pid: int
-    pidfd: int
+    pidfd: int  # -1 once reaped (or abandoned at shutdown)
     uid: int  # the peer uid it is counted against (per-uid limits)
     request_id: int
     on_disconnect: str
@@ -35,7 +56,8 @@ class Child:
     on_exit: ExitCallback | None  # None once the owner is gone
     owner: object | None
     returncode: int | None = None
-    cancel_kill: trio.CancelScope | None = field(default=None)
+    kill_at: float | None = None  # pending SIGKILL (terminate's grace) at this trio time
+    recheck: float = 0.0  # > 0: exited but not waitable (traced); current backoff
 
 
 def returncode_of(info: os.waitid_result) -> int:
@@ -45,14 +67,11 @@ def returncode_of(info: os.waitid_result) -> int:
     return -info.si_status
 
 
-TRIM_AFTER = 256  # children alive at once before an empty table gives memory back
-
-
 def _give_back_memory() -> None:
     """After a burst of children, return freed heap to the OS so idle RSS comes back.
 
-    Freed per-child objects (tasks, cancel scopes, pidfd registrations) stay in glibc's
-    heap otherwise; the daemon is long-lived and its idle memory is the user's.
+    Freed per-child objects (records, dict slots) stay in glibc's heap otherwise; the
+    daemon is long-lived and its idle memory is the user's.
     """
     gc.collect()
     try:
@@ -62,15 +81,24 @@ def _give_back_memory() -> None:
 
 
 class ChildTable:
-    """Owns every child's pidfd and watcher task; lives in the server's nursery."""
+    """Owns every child's pidfd, the epoll set and the reaper task (in the given nursery).
+
+    ``on_change`` is called after every reap (idle exit, status); it must not block.
+    """
 
     def __init__(self, nursery: trio.Nursery, on_change: Callable[[], None] = lambda: None) -> None:
-        self._nursery = nursery
-        self._on_change = on_change  # told after every reap (idle exit, status)
+        self._on_change = on_change
         self._by_pid: dict[int, Child] = {}
+        self._by_fd: dict[int, Child] = {}  # pidfds in the epoll set
+        self._unreapable: dict[int, Child] = {}  # exited, but only a tracer can wait for them
         self._peak = 0  # most children alive at once since the table was last empty
         self._per_uid: dict[int, int] = {}
         self._changed = trio.Event()
+        self._epoll = select.epoll()
+        self._timers: list[tuple[float, int, int, Child]] = []  # (when, seq, kind, child)
+        self._seq = 0
+        self._wait_scope: trio.CancelScope | None = None
+        nursery.start_soon(self._reaper)
 
     def __len__(self) -> int:
         return len(self._by_pid)
@@ -95,58 +123,171 @@ class ChildTable:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             raise
-        child = Child(pid=pid, pidfd=pidfd, uid=uid, request_id=request_id,
-                      on_disconnect=on_disconnect, grace=grace, on_exit=on_exit, owner=owner)
+        try:
+            self._epoll.register(pidfd, select.EPOLLIN)
+        except OSError:
+            os.close(pidfd)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
+        child = Child(pid, pidfd, uid, request_id, on_disconnect, grace, on_exit, owner)
         self._by_pid[pid] = child
-        self._peak = max(self._peak, len(self._by_pid))
+        self._by_fd[pidfd] = child
+        n = len(self._by_pid)
+        if n > self._peak:
+            self._peak = n
         self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
-        self._nursery.start_soon(self._watch, child)
         return child
 
-    async def _watch(self, child: Child) -> None:
+    # -- the reaper: one task for every child
+    async def _reaper(self) -> None:
+        epfd = self._epoll.fileno()
         try:
-            await trio.lowlevel.wait_readable(child.pidfd)
+            while True:
+                deadline = self._timers[0][0] if self._timers else math.inf
+                with trio.CancelScope(deadline=deadline) as scope:
+                    self._wait_scope = scope
+                    await trio.lowlevel.wait_readable(epfd)
+                self._wait_scope = None
+                self._reap_ready()
+                if self._timers:
+                    self._run_timers()
         finally:
-            # Reap even if cancelled (shutdown): the child has exited or is about to be
-            # SIGKILLed by shutdown(); a blocking waitid here is bounded.
+            self._wait_scope = None
+            self._abandon_all()
+            trio.lowlevel.notify_closing(epfd)
+            self._epoll.close()
+
+    def _reap_ready(self) -> None:
+        by_fd = self._by_fd
+        for fd, _ in self._epoll.poll(0):
+            child = by_fd.get(fd)
+            if child is not None:
+                self._try_reap(child)
+
+    def _try_reap(self, child: Child) -> bool:
+        """``waitid(WNOHANG)``: reap and deliver, or park an exited-but-traced child."""
+        try:
             info = os.waitid(os.P_PIDFD, child.pidfd, os.WEXITED | os.WNOHANG)
-            if info is None:  # cancelled while alive: shutdown already signalled it
-                os.kill(child.pid, signal.SIGKILL)
-                info = os.waitid(os.P_PIDFD, child.pidfd, os.WEXITED)
-            child.returncode = returncode_of(info)
+        except ChildProcessError:  # reaped behind our back: nothing to deliver
+            log.error("child %d was already reaped: its status is lost", child.pid)
             self._forget(child)
-        log.debug("child %d exited with %d", child.pid, child.returncode)
+            self._lost(child)
+            return True
+        if info is None or info.si_pid == 0:
+            if not child.recheck:
+                # Readable but not waitable: a tracer holds the zombie. Out of the epoll
+                # set (level-triggered, it would spin); re-check on a backoff timer.
+                log.info("child %d exited but cannot be reaped yet (traced?): re-checking",
+                         child.pid)
+                self._epoll.unregister(child.pidfd)
+                del self._by_fd[child.pidfd]
+                self._unreapable[child.pid] = child
+                child.recheck = RECHECK_FIRST
+                self._wake_waiters()  # stop_all counts these apart
+            else:
+                child.recheck = min(child.recheck * 2, RECHECK_MAX)
+            self._add_timer(trio.current_time() + child.recheck, _TIMER_RECHECK, child)
+            return False
+        child.returncode = returncode_of(info)
+        self._forget(child)
+        self._deliver(child)
+        return True
+
+    def _deliver(self, child: Child) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("child %d exited with %d", child.pid, child.returncode)
         if child.on_exit is not None:
             try:
                 child.on_exit(child)
             except Exception:  # one owner's bug must not end the root nursery (the daemon)
                 log.exception("delivering the exit of child %d failed", child.pid)
-                abort = getattr(child.owner, "abort", None)
-                if abort is not None:  # its client must not wait forever for a lost status
-                    abort()
+                self._lost(child)
+
+    @staticmethod
+    def _lost(child: Child) -> None:
+        abort = getattr(child.owner, "abort", None)
+        if child.on_exit is not None and abort is not None:
+            abort()  # its client must not wait forever for a lost status
 
     def _forget(self, child: Child) -> None:
         del self._by_pid[child.pid]
+        if child.recheck:
+            del self._unreapable[child.pid]
+        else:
+            del self._by_fd[child.pidfd]
+            self._epoll.unregister(child.pidfd)  # explicitly: a client may hold a dup of it
         n = self._per_uid[child.uid] - 1
         if n:
             self._per_uid[child.uid] = n
         else:
             del self._per_uid[child.uid]
-        if child.cancel_kill is not None:
-            child.cancel_kill.cancel()
-        trio.lowlevel.notify_closing(child.pidfd)
+        child.kill_at = None
         os.close(child.pidfd)
         child.pidfd = -1
-        self._changed.set()
-        self._changed = trio.Event()
+        self._wake_waiters()
         self._on_change()
         if not self._by_pid and self._peak >= TRIM_AFTER:
             self._peak = 0
             _give_back_memory()
 
+    def _wake_waiters(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _abandon_all(self) -> None:
+        """The reaper is ending (daemon exit): reap what can be, never block, close the rest."""
+        for child in list(self._by_pid.values()):
+            try:
+                info = os.waitid(os.P_PIDFD, child.pidfd, os.WEXITED | os.WNOHANG)
+            except OSError:
+                info = None
+            if info is not None:
+                child.returncode = returncode_of(info)
+                self._forget(child)
+                self._deliver(child)
+                continue
+            log.warning("abandoning child %d at exit: it cannot be reaped now", child.pid)
+            try:
+                signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
+            except OSError:
+                pass
+            self._forget(child)
+
+    # -- timers: one heap, serviced by the reaper task
+    def _add_timer(self, when: float, kind: int, child: Child) -> None:
+        self._seq += 1
+        heapq.heappush(self._timers, (when, self._seq, kind, child))
+        scope = self._wait_scope
+        if scope is not None and when < scope.deadline:
+            scope.deadline = when
+
+    def _run_timers(self) -> None:
+        now = trio.current_time()
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            when, _, kind, child = heapq.heappop(timers)
+            if child.pidfd < 0:
+                continue  # reaped meanwhile
+            if kind == _TIMER_KILL:
+                if child.kill_at == when:
+                    child.kill_at = None
+                    log.warning("child %d ignored SIGTERM: SIGKILL after its grace",
+                                child.pid)
+                    self._send(child, signal.SIGKILL)
+            elif child.recheck:
+                self._try_reap(child)
+
+    # -- lifetimes
     def signal(self, child: Child, sig: int) -> None:
         """Signal through the pidfd: it can never hit a recycled pid."""
         signal.pidfd_send_signal(child.pidfd, sig)
+
+    def _send(self, child: Child, sig: int) -> None:
+        try:
+            self.signal(child, sig)
+        except OSError:
+            pass
 
     def orphan(self, owner: object) -> None:
         """The owner's connection closed: apply each child's ``on_disconnect`` policy."""
@@ -164,16 +305,9 @@ class ChildTable:
             self.signal(child, signal.SIGKILL if how == "kill" else signal.SIGTERM)
         except ProcessLookupError:
             return
-        if how != "kill" and child.cancel_kill is None:
-            self._nursery.start_soon(self._kill_later, child, grace)
-
-    async def _kill_later(self, child: Child, grace: float) -> None:
-        with trio.CancelScope() as scope:
-            child.cancel_kill = scope
-            await trio.sleep(grace)
-            if child.pidfd >= 0:
-                log.warning("child %d ignored SIGTERM for %.1fs: SIGKILL", child.pid, grace)
-                self.signal(child, signal.SIGKILL)
+        if how != "kill" and child.kill_at is None:
+            child.kill_at = trio.current_time() + grace
+            self._add_timer(child.kill_at, _TIMER_KILL, child)
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Sleep until ``predicate()`` holds, re-checking after every reap."""
@@ -181,8 +315,20 @@ class ChildTable:
             await self._changed.wait()
 
     async def stop_all(self, how: str, grace: float) -> None:
-        """Daemon shutdown: end every child (``wait`` lets them run) and wait for all reaps."""
+        """Daemon shutdown: end every child (``wait`` lets them run) and wait for all reaps.
+
+        Children that have exited but that only a tracer can reap are waited for at most
+        :data:`UNREAPABLE_BOUND` seconds once nothing else is left, then abandoned (logged):
+        a debugger attached to one job must not keep the daemon from stopping.
+        """
         if how != "wait":
             for child in list(self._by_pid.values()):
                 self.end(child, how, grace)
-        await self.wait_until(lambda: not self._by_pid)
+        await self.wait_until(lambda: len(self._by_pid) == len(self._unreapable))
+        if self._by_pid:
+            with trio.move_on_after(UNREAPABLE_BOUND):
+                await self.wait_until(lambda: not self._by_pid)
+        for child in list(self._unreapable.values()):
+            log.warning("child %d has exited but its tracer has not let it be reaped: "
+                        "stopping without its status", child.pid)
+            self._forget(child)

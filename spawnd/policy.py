@@ -24,7 +24,7 @@ import re
 import resource
 import stat
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol
 
@@ -84,7 +84,7 @@ _UNSAFE_PATTERNS = ("LD_*", "MALLOC_*", "PYTHON*", "LISTEN_*", "BASH_FUNC_*", "L
 
 def is_unsafe_env(name: str) -> bool:
     """Is ``name`` a variable that could inject code into a more privileged child?"""
-    return name in _UNSAFE_EXACT or any(fnmatch.fnmatchcase(name, p) for p in _UNSAFE_PATTERNS)
+    return name in _UNSAFE_EXACT or _UNSAFE_MATCH(name)
 
 
 # ---------------------------------------------------------------------------- data types
@@ -289,6 +289,8 @@ class Policy:
                  identity: DaemonIdentity | None = None, directory: Directory | None = None,
                  source: str = "<policy>") -> None:
         self.rules = tuple(rules)
+        # Per rule, what does not depend on the request, compiled once (hot path).
+        self._compiled: dict[int, _CompiledRule] = {id(r): _CompiledRule(r) for r in self.rules}
         self.limits = limits or Limits()
         self.identity = identity or DaemonIdentity.current()
         self.directory: Directory = directory or SystemDirectory()
@@ -431,12 +433,15 @@ class Policy:
         def deny(step: int, message: str, fld: str | None, code: int = errno.EPERM) -> NoReturn:
             raise _Denied(step, Refused(code, f"{message} (rule {rule.label})", fld))
 
-        self._check_executable(rule, req, executable, is_script, deny)
+        compiled = self._compiled.get(id(rule)) or _CompiledRule(rule)
+        self._check_executable(rule, req, executable, is_script, deny, compiled)
         creds = self._credentials(rule, peer, req, deny)
-        granted_caps = self._check_caps(rule, req_caps, deny)
+        granted_caps = self._check_caps(rule, req_caps, deny) if req_caps else ()
         elevated = peer.uid != 0 and (creds.elevated or bool(granted_caps))
-        self._check_env(rule, req.env, elevated, deny)
-        self._check_namespaces(rule, req, deny)
+        if elevated or compiled.has_env_rules:  # else nothing to check: O(1) in the env
+            self._check_env(rule, req.env, elevated, deny, compiled)
+        if req.namespaces:
+            self._check_namespaces(rule, req, deny)
         return Grant(
             executable=executable, argv=tuple(req.argv), env=tuple(req.env),
             uid=creds.uid, gid=creds.gid, groups=creds.groups, umask=req.umask,
@@ -448,15 +453,17 @@ class Policy:
 
     @staticmethod
     def _check_executable(rule: Rule, req: P.Spawn, executable: bytes, is_script: bool,
-                          deny: _Deny) -> None:
+                          deny: _Deny, compiled: _CompiledRule | None = None) -> None:
         fld = "executable" if req.executable is not None else "argv[0]"
-        shown = os.fsdecode(executable)
+        c = compiled or _CompiledRule(rule)
         if not executable.startswith(b"/") or os.path.normpath(executable) != executable:
-            deny(1, f"{shown!r} is not a canonical absolute path", fld, errno.EINVAL)
-        if not any(_path_matches(entry, executable) for entry in rule.executables):
-            deny(1, f"{shown!r} is not in the executables allowed", fld)
+            deny(1, f"{os.fsdecode(executable)!r} is not a canonical absolute path", fld,
+                 errno.EINVAL)
+        if not (executable.startswith(c.exec_dirs) or executable in c.exec_files):
+            deny(1, f"{os.fsdecode(executable)!r} is not in the executables allowed", fld)
         if is_script and not rule.allow_scripts:
-            deny(1, f"{shown!r} is a #! script and scripts are not allowed", fld)
+            deny(1, f"{os.fsdecode(executable)!r} is a #! script and scripts are not allowed",
+                 fld)
 
     def _credentials(self, rule: Rule, peer: Peer, req: P.Spawn, deny: _Deny) -> _Creds:
         """Target uid/gid/groups. A child never keeps the daemon's groups under another uid."""
@@ -516,18 +523,56 @@ class Policy:
                 deny(5, f"a new {name} namespace is not granted", f"namespaces[{i}]")
 
     @staticmethod
-    def _check_env(rule: Rule, env: Iterable[bytes], elevated: bool, deny: _Deny) -> None:
+    def _check_env(rule: Rule, env: Iterable[bytes], elevated: bool, deny: _Deny,
+                   compiled: _CompiledRule | None = None) -> None:
+        c = compiled or _CompiledRule(rule)
+        allow, deny_m, unsafe_ok = c.env_allow, c.env_deny, c.env_unsafe_allow
         for i, entry in enumerate(env):
             name = os.fsdecode(entry.partition(b"=")[0])
-            fld = f"env[{i}]"
-            if elevated and is_unsafe_env(name) and not _matches_any(rule.env_unsafe_allow, name):
+            if elevated and is_unsafe_env(name) and not unsafe_ok(name):
                 deny(4, f"{name} is refused: the child runs with a uid, groups or capabilities "
                         "the client does not have (glibc's secure mode does not cover ambient "
-                        "capabilities)", fld)
-            if rule.env_allow is not None and not _matches_any(rule.env_allow, name):
-                deny(4, f"{name} is not in env_allow", fld)
-            if _matches_any(rule.env_deny, name):
-                deny(4, f"{name} is in env_deny", fld)
+                        "capabilities)", f"env[{i}]")
+            if allow is not None and not allow(name):
+                deny(4, f"{name} is not in env_allow", f"env[{i}]")
+            if deny_m(name):
+                deny(4, f"{name} is in env_deny", f"env[{i}]")
+
+
+class _CompiledRule:
+    """What a :class:`Rule` checks that does not depend on the request, compiled once.
+
+    Env patterns become one regex per list (``fnmatchcase`` semantics: ``fnmatch.translate``
+    is what ``fnmatchcase`` itself compiles), executables a tuple of directory prefixes and
+    a set of files; ``has_env_rules`` False lets a non-elevated request skip the env.
+    """
+
+    __slots__ = ("env_allow", "env_deny", "env_unsafe_allow", "exec_dirs", "exec_files",
+                 "has_env_rules")
+
+    def __init__(self, rule: Rule) -> None:
+        self.env_allow = None if rule.env_allow is None else _matcher(rule.env_allow)
+        self.env_deny = _matcher(rule.env_deny)
+        self.env_unsafe_allow = _matcher(rule.env_unsafe_allow)
+        self.exec_dirs = tuple(e for e in rule.executables if e.endswith(b"/"))
+        self.exec_files = frozenset(e for e in rule.executables if not e.endswith(b"/"))
+        self.has_env_rules = rule.env_allow is not None or bool(rule.env_deny)
+
+
+def _never(name: str) -> bool:
+    return False
+
+
+def _matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
+    """One compiled regex for "matches any of ``patterns``" (as :func:`_matches_any`)."""
+    pats = tuple(patterns)
+    if not pats:
+        return _never
+    match = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in pats)).match
+    return lambda name: match(name) is not None
+
+
+_UNSAFE_MATCH = _matcher(_UNSAFE_PATTERNS)
 
 
 # ---------------------------------------------------------------------------- request parts

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import errno as _errno
+import operator
 import struct
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -278,13 +279,19 @@ def _text(v: Any, name: str, rid: int | None) -> bytes:
     return v
 
 
+_BYTES_ONLY = frozenset({bytes})
+_SPLIT_EQ = operator.methodcaller("split", b"=", 1)
+
+
 def _texts(items: list[Any], name: str, rid: int | None) -> tuple[bytes, ...]:
     """Validate a list of strings; the fast path does one pass, the slow one names the culprit."""
-    if all(type(v) is bytes for v in items):
+    if set(map(type, items)) <= _BYTES_ONLY:  # C-level passes: this runs per env entry
         out = tuple(items)
     else:
         out = tuple(v.encode("utf-8", "surrogateescape") if type(v) is str else v for v in items)
-    if all(type(v) is bytes for v in out) and b"\0" not in b"".join(out):
+        if not set(map(type, out)) <= _BYTES_ONLY:
+            out = ()
+    if (out or not items) and b"\0" not in b"".join(out):
         return out
     return tuple(_text(v, f"{name}[{i}]", rid) for i, v in enumerate(items))
 
@@ -316,8 +323,11 @@ def _parse_spawn(m: Mapping[str, Any], rid: int, fds: tuple[int, ...]) -> Spawn:
     _want(len(argv_raw) > 0, "must not be empty (argv[0] is the program name)", "argv", rid)
     argv = _texts(argv_raw, "argv", rid)
     env = _texts(_list(m, "env", rid), "env", rid)
-    keys = {e.partition(b"=")[0] for e in env}
-    if len(keys) != len(env) or b"" in keys or not all(b"=" in e for e in env):
+    try:  # one C-level pass; any doubt falls to the loop below, which names the culprit
+        keys = dict(map(_SPLIT_EQ, env))
+    except ValueError:  # an entry without "="
+        keys = {}
+    if len(keys) != len(env) or b"" in keys:
         seen: set[bytes] = set()
         for i, b in enumerate(env):
             key, eq, _ = b.partition(b"=")
@@ -327,9 +337,12 @@ def _parse_spawn(m: Mapping[str, Any], rid: int, fds: tuple[int, ...]) -> Spawn:
                   f"env[{i}]", rid)
             seen.add(key)
     targets = _list(m, "fds", rid)
-    _want(len(targets) <= MAX_FDS, f"at most {MAX_FDS} fds", "fds", rid)
-    for i, t in enumerate(targets):
-        _want(_is_int(t) and 0 <= t < MAX_FD_TARGET, "must be an fd number", f"fds[{i}]", rid)
+    if len(targets) > MAX_FDS:  # (messages are formatted only on failure: hot path)
+        _want(False, f"at most {MAX_FDS} fds", "fds", rid)
+    if not all(type(t) is int and 0 <= t < MAX_FD_TARGET for t in targets):
+        for i, t in enumerate(targets):
+            _want(_is_int(t) and 0 <= t < MAX_FD_TARGET, "must be an fd number", f"fds[{i}]",
+                  rid)
     _want(len(set(targets)) == len(targets), "target fd numbers must be distinct", "fds", rid)
     cwd_fd = _bool(m, "cwd_fd", rid, False)  # (issue 11) one more fd: the caller's cwd
     if len(targets) + cwd_fd != len(fds):
@@ -338,8 +351,8 @@ def _parse_spawn(m: Mapping[str, Any], rid: int, fds: tuple[int, ...]) -> Spawn:
     executable = m.get("executable")
     cwd = m.get("cwd")
     on_disc = m.get("on_disconnect", DEFAULT_ON_DISCONNECT)
-    _want(on_disc in DISCONNECT_POLICIES, f"must be one of {DISCONNECT_POLICIES}",
-          "on_disconnect", rid)
+    if on_disc not in DISCONNECT_POLICIES:
+        _want(False, f"must be one of {DISCONNECT_POLICIES}", "on_disconnect", rid)
     grace = m.get("grace", DEFAULT_GRACE)
     _want(isinstance(grace, (int, float)) and not isinstance(grace, bool) and 0 <= grace <= 3600,
           "must be a number of seconds in [0, 3600]", "grace", rid)

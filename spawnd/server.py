@@ -4,7 +4,7 @@ Task tree (every task has one owner)::
 
     Server.run                      the root nursery
     ├── accept loop per listener    stops first on shutdown
-    ├── ChildTable watchers         one per live child; outlive their connections
+    ├── ChildTable reaper           one task: every pidfd in one epoll set, and the timers
     ├── connection tasks            ConnectionHandler.run: a reader and a writer
     └── signals / watchdog / status / lifeline / idle-exit helpers
 """

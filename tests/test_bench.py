@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ("latency", "throughput", "memory", "mp", "privileged")
+SECTIONS = ("latency", "throughput", "memory", "mp", "cost", "privileged")
 
 
 def test_quick_benchmark_runs_every_part(tmp_path: Path) -> None:
@@ -45,3 +45,6 @@ def test_quick_benchmark_runs_every_part(tmp_path: Path) -> None:
     if not str(results["plot"]).startswith("skipped"):
         assert Path(results["plot"]).stat().st_size > 10_000
     assert "Targets from issue 7" in p.stdout
+    assert "Targets from issue 12" in p.stdout
+    assert results["targets12"] and all(t["status"] in ("PASS", "MISS", "SKIP")
+                                        for t in results["targets12"])
