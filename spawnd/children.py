@@ -14,6 +14,8 @@ import gc
 import logging
 import os
 import signal
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -71,6 +73,9 @@ class ChildTable:
         self._peak = 0  # most children alive at once since the table was last empty
         self._per_uid: dict[int, int] = {}
         self._changed = trio.Event()
+        # (monotonic time, pid) of the last reaps: a child may signal the daemon and exit
+        # before the signal is read; spawnd/signals.py must still know it was a child.
+        self.recently_reaped: deque[tuple[float, int]] = deque(maxlen=4096)
 
     def __len__(self) -> int:
         return len(self._by_pid)
@@ -127,6 +132,7 @@ class ChildTable:
 
     def _forget(self, child: Child) -> None:
         del self._by_pid[child.pid]
+        self.recently_reaped.append((time.monotonic(), child.pid))
         n = self._per_uid[child.uid] - 1
         if n:
             self._per_uid[child.uid] = n

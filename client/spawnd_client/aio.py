@@ -40,6 +40,7 @@ class AsyncChild:
         self.returncode: int | None = None
         self.lost: BaseException | None = None
         self._done = anyio.Event()
+        self.request_id: int = -1  # the Spawn's request id (Signal names the child by it)
 
     def _on_exit(self, ev: P.Exit | BaseException) -> None:
         if isinstance(ev, BaseException):
@@ -62,7 +63,7 @@ class AsyncChild:
         if self._done.is_set():
             return
         try:
-            await self.client._request(P.Signal(id=self.client._next_id(), pid=self.pid,
+            await self.client._request(P.Signal(id=self.client._next_id(), child=self.request_id,
                                                 signal=int(sig)))
         except ProcessLookupError:
             pass
@@ -246,6 +247,7 @@ class AsyncClient:
             if isinstance(ev, P.Spawned):
                 pidfd = ev.fds_received[0] if ev.pidfd and ev.fds_received else None
                 child = AsyncChild(self, ev.pid, pidfd)
+                child.request_id = ev.id  # Signal names the child by it (never a pid)
                 self._exits[ev.id] = child  # before any later event: its exit may be next
                 waiter[1].append(child)
             else:
