@@ -220,12 +220,16 @@ class Server:
             while True:
                 try:
                     sock, _ = await lsock.accept()
-                except trio.ClosedResourceError:  # closed by _linger
+                except trio.ClosedResourceError:  # closed by _stop_accepting
                     return
                 except OSError as e:
-                    if e.errno in (errno.EMFILE, errno.ENFILE) and self._refuse_at_limit(raw):
+                    if e.errno in (errno.EMFILE, errno.ENFILE):
+                        try:
+                            await self._at_fd_limit(raw, conns)
+                        except trio.ClosedResourceError:
+                            return
                         continue
-                    if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    if e.errno in (errno.ENOBUFS, errno.ENOMEM):
                         if self._log_limit.allow(("accept", e.errno)) is not None:
                             log.warning("accept: %s; retrying in %.1fs", e.strerror,
                                         ACCEPT_BACKOFF)
@@ -235,6 +239,26 @@ class Server:
                         continue
                     raise
                 conns.start_soon(ConnectionHandler(self, sock).run)
+
+    async def _at_fd_limit(self, raw: socket.socket, conns: trio.Nursery) -> None:
+        """accept4 fails EMFILE as soon as the fd table is full, before it even looks for a
+        pending client: wait for one (no spin), take it if an fd came free meanwhile, else
+        refuse it with the spare fd (no client is left hanging)."""
+        await trio.lowlevel.wait_readable(raw)
+        try:
+            conn, _ = raw.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE):
+                return  # the accept loop sees it again and decides
+            if not self._refuse_at_limit(raw):
+                if self._log_limit.allow(("accept", e.errno)) is not None:
+                    log.warning("accept: %s and no spare fd; retrying in %.1fs", e.strerror,
+                                ACCEPT_BACKOFF)
+                await trio.sleep(ACCEPT_BACKOFF)
+            return
+        conns.start_soon(ConnectionHandler(self, trio.socket.from_stdlib_socket(conn)).run)
 
     def _refuse_at_limit(self, raw: socket.socket) -> bool:
         """Out of fds: give up the spare, accept one client, tell it why, close it.
@@ -292,7 +316,8 @@ class Server:
                 log.info("at exit, %s from pid %d was still pending", info.name, info.pid)
 
     def _on_signal(self, info: signals.SigInfo) -> None:
-        action = signals.decide(info, self._sent_by_child(info.pid))
+        from_child = self._sent_by_child(info.pid)
+        action = signals.decide(info, from_child)
         if action == "stop":
             log.info("received %s from pid %d (uid %d)", info.name, info.pid, info.uid)
             self.stop()
@@ -302,7 +327,7 @@ class Server:
             n = self._log_limit.allow((info.signo, action))
             if n is not None:
                 log.warning("ignored %s from pid %d (uid %d)%s%s", info.name, info.pid, info.uid,
-                            ": a child of the daemon" if action == "ignore-child" else "",
+                            ": a child of the daemon" if from_child else "",
                             f"; {n} more since the last message" if n else "")
 
     def _sent_by_child(self, pid: int) -> bool:
@@ -371,11 +396,12 @@ class Server:
                 break
         log.info("the client that started this private daemon is gone")
         self._stop_accepting()
+        said = False
         while self.connections or len(self.children):
-            if not self.connections:
-                n = self._log_limit.allow("linger")
-                if n is not None:
-                    log.info("lingering until %d keep children have exited", len(self.children))
+            if not self.connections and not said:
+                said = True
+                log.info("lingering until the keep children have exited (%d children left)",
+                         len(self.children))
             await self._activity.wait()
         self.stop()
 
