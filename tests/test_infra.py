@@ -51,7 +51,14 @@ def own_session_daemon(tmp: Path, *args: str, prefix: tuple[str, ...] = (),
         def up() -> bool:
             if proc.poll() is not None:
                 raise AssertionError(f"daemon exited: {log.read_text()}")
-            return os.path.exists(path)
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                probe.connect(path)
+                return True
+            except OSError:
+                return False
+            finally:
+                probe.close()
         assert wait_until(up, 15), log.read_text()
         with sc.Client(path, autostart=False) as c:  # listening, signals in place
             c.ping()
