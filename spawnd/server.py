@@ -561,8 +561,11 @@ class ConnectionHandler:
         if flags & socket.MSG_CTRUNC:
             # At our fd limit the kernel installs what fits and drops the rest: only the
             # request these fds came with is refused (EMFILE, stage "fds"), by the parser.
-            log.warning("control message truncated: %d fds arrived, the rest were lost "
-                        "(out of fds?)", len(fds))
+            n = self.server._log_limit.allow("ctrunc")
+            if n is not None:
+                log.warning("control message truncated: %d fds arrived, the rest were lost "
+                            "(out of fds?)%s", len(fds),
+                            f"; {n} more since the last message" if n else "")
         return data, fds, bool(flags & socket.MSG_CTRUNC)
 
     async def _reader(self) -> None:
