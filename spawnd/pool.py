@@ -70,6 +70,19 @@ REFILL_DELAY = 0.02
 #: Keys remembered at once (each holds a task and an fd): distinct requests beyond this
 #: evict the least recently used key, so varying env or argv cannot grow the daemon.
 MAX_ENTRIES = 64
+#: Automatic sizing (a request with ``warm["auto"]``): the pool of a key is sized from the
+#: demand the daemon observes for that key, never above the request's size, the CPU count
+#: or ``--pool-max``. The first start of a key makes no pool (a program that starts one
+#: process pays for none); each later start measures the concurrency it joins (itself plus
+#: the key's earlier processes still running) and the target is the peak of that. The peak
+#: forgets after SHRINK_AFTER seconds without a start (the pool shrinks to the demand of
+#: the next burst), and idle_timeout without a start empties it.
+SHRINK_AFTER = 10.0
+#: After a start served cold, refills wait this long: a refill importing next to the cold
+#: process would make that start slower than a plain cold one. The miss also grows an auto
+#: pool by one (starts come faster than it refills), within the same bounds.
+COLD_BOOT = 0.25
+TRACKED = 64  # handed-out pids remembered per key for the concurrency count
 
 Key = tuple[Any, ...]
 
@@ -98,6 +111,11 @@ class Entry:
     changed: trio.Event = field(default_factory=trio.Event)
     failures: int = 0
     scope: trio.CancelScope | None = None
+    auto: bool = False
+    starts: int = 0
+    peak: int = 0
+    running: deque[int] = field(default_factory=lambda: deque(maxlen=TRACKED))
+    refill_after: float = 0.0
 
 
 class WarmPool:
@@ -126,11 +144,15 @@ class WarmPool:
         key = self._key(uid, gid, spec, grant, targets)
         now = trio.current_time()
         size = min(int(warm.get("size", 1)), self.max_idle)
+        auto = bool(warm.get("auto"))
         entry = self._entries.get(key)
+        if auto:
+            size = self._auto_size(entry, size, now)
         if entry is None:
             entry = Entry(key=key, spec=self._entry_spec(spec), targets=targets, size=size,
-                          idle_timeout=float(warm["idle_timeout"]), last_used=now)
-            if size > 0 and not self._stopping:
+                          idle_timeout=float(warm["idle_timeout"]), last_used=now, auto=auto,
+                          starts=1, peak=1 if auto else 0)
+            if (size > 0 or auto) and not self._stopping:
                 if len(self._entries) >= MAX_ENTRIES:
                     self._evict_lru()
                 self._entries[key] = entry
@@ -150,9 +172,15 @@ class WarmPool:
             if given:
                 self._release(proc)
                 entry.failures = 0
+                entry.running.append(proc.pid)
                 log.debug("warm: handed idle %d to uid %d", proc.pid, uid)
                 return proc.pid
             self._retire(proc)  # it died or is dying; its watcher reaps it
+        entry.refill_after = now + COLD_BOOT
+        if auto and entry.starts > 1:
+            entry.peak += 1
+            entry.size = min(entry.peak, int(warm.get("size", 1)), os.cpu_count() or 1,
+                             self.max_idle)
         try:
             pid, control = self._spawn(entry.spec, targets)
         finally:
@@ -168,8 +196,21 @@ class WarmPool:
             raise
         finally:
             control.close()
-        log.debug("warm: no idle process for uid %d; started %d cold", uid, pid)
+        entry.running.append(pid)
+        log.debug("warm: no idle process for uid %d; started %d cold (pool target %d)",
+                  uid, pid, entry.size)
         return pid
+
+    def _auto_size(self, entry: Entry | None, cap: int, now: float) -> int:
+        """The pool target for an ``auto`` key at this start (see SHRINK_AFTER)."""
+        if entry is None:
+            return 0  # a first start: serve it cold, keep nothing warm yet
+        if now - entry.last_used > SHRINK_AFTER:
+            entry.peak = 0
+        entry.running = deque((p for p in entry.running if _alive(p)), maxlen=TRACKED)
+        entry.starts += 1
+        entry.peak = max(entry.peak, len(entry.running) + 1)
+        return min(entry.peak, cap, os.cpu_count() or 1, self.max_idle)
 
     def stop(self) -> None:
         """Daemon shutdown: kill every idle process (watchers reap them) and stop refilling."""
@@ -200,7 +241,8 @@ class WarmPool:
                  tuple(sorted((getattr(grant, "rlimits", None) or {}).items())),
                  bool(getattr(grant, "no_new_privs", False)))
         return (uid, gid, exe, identity, spec.exec_fd is not None, tuple(spec.argv),
-                tuple(spec.env), spec.cwd, spec.setsid, spec.pgroup, spec.umask, targets, creds)
+                tuple(spec.env), spec.cwd, spec.setsid, spec.pgroup, spec.umask, targets, creds,
+                getattr(spec, "restore_signals", True))
 
     @staticmethod
     def _entry_spec(spec: SpawnSpec) -> SpawnSpec:
@@ -311,7 +353,8 @@ class WarmPool:
                         break
                     with trio.move_on_at(deadline):
                         await entry.changed.wait()
-                        await trio.sleep(REFILL_DELAY)
+                        await trio.sleep(max(REFILL_DELAY,
+                                             entry.refill_after - trio.current_time()))
         finally:
             if self._entries.get(entry.key) is entry:
                 del self._entries[entry.key]
@@ -372,3 +415,15 @@ class WarmPool:
         victim = min(victims, key=lambda e: e.last_used)
         self._retire(victim.idle.popleft())
         return True
+
+
+def _alive(pid: int) -> bool:
+    """A handed-out process (our child, reaped by the ChildTable) has not exited yet.
+
+    WNOWAIT: only looks. A reaped pid is ECHILD; it could be reused only by another of our
+    children, which merely counts one process too many in a sizing heuristic."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+    except ChildProcessError:
+        return False
+

@@ -126,8 +126,11 @@ class Spawn(Event):
     capabilities: tuple[str, ...] = ()
     rlimits: dict[str, tuple[int, int]] | None = None
     no_new_privs: bool = False
-    # Serve from a warm pool (multiprocessing): {"size": int, "idle_timeout": float}.
+    # Serve from a warm pool (multiprocessing): {"size": int, "idle_timeout": float}, and
+    # "auto": True to size it from observed demand with size as the cap (spawnd/pool.py).
     warm: dict[str, Any] | None = None
+    # subprocess's restore_signals: False leaves SIGPIPE/SIGXFSZ ignored in the child.
+    restore_signals: bool = True
     # Only set by the receiving side: the fds that actually came with this frame.
     fds_received: tuple[int, ...] = ()
 
@@ -347,8 +350,10 @@ def _parse_spawn(m: Mapping[str, Any], rid: int, fds: tuple[int, ...]) -> Spawn:
               "process_group", rid)
     warm = m.get("warm")
     if warm is not None:  # warm pool request (multiprocessing): both keys optional
-        _want(isinstance(warm, dict) and set(warm) <= {"size", "idle_timeout"},
-              "must be a map with only size and idle_timeout", "warm", rid)
+        _want(isinstance(warm, dict) and set(warm) <= {"size", "idle_timeout", "auto"},
+              "must be a map with only size, idle_timeout and auto", "warm", rid)
+        auto = warm.get("auto", False)  # size from observed demand, up to size (pool.py)
+        _want(isinstance(auto, bool), "must be a boolean", "warm.auto", rid)
         size = warm.get("size", 1)
         _want(_is_int(size) and 0 <= size <= MAX_WARM_SIZE,
               f"must be an integer in [0, {MAX_WARM_SIZE}]", "warm.size", rid)
@@ -356,7 +361,7 @@ def _parse_spawn(m: Mapping[str, Any], rid: int, fds: tuple[int, ...]) -> Spawn:
         _want(isinstance(idle, (int, float)) and not isinstance(idle, bool)
               and 0 < idle <= MAX_WARM_IDLE, f"must be a number of seconds in (0, {MAX_WARM_IDLE:g}]",
               "warm.idle_timeout", rid)
-        warm = {"size": size, "idle_timeout": float(idle)}
+        warm = {"size": size, "idle_timeout": float(idle), **({"auto": True} if auto else {})}
     return Spawn(
         id=rid, argv=argv, env=tuple(env),
         executable=None if executable is None else _text(executable, "executable", rid),
@@ -371,6 +376,7 @@ def _parse_spawn(m: Mapping[str, Any], rid: int, fds: tuple[int, ...]) -> Spawn:
         capabilities=tuple(caps), rlimits=rlimits,
         no_new_privs=_bool(m, "no_new_privs", rid, False),
         warm=warm,
+        restore_signals=_bool(m, "restore_signals", rid, True),
         fds_received=fds,
     )
 

@@ -723,7 +723,8 @@ class ConnectionHandler:
                 # the daemon or other clients' children (subprocess's flags still apply)
                 pgroup=0 if req.process_group is None and not req.start_new_session
                 else req.process_group,
-                exec_fd=None if is_script else exec_fd)
+                exec_fd=None if is_script else exec_fd,
+                restore_signals=req.restore_signals)
             spec = _with_child_nofile(spec, self.server.child_nofile)  # infra: pre-raise limit
             if req.warm is not None and not grant.needs_trampoline:
                 # multiprocessing warm pool (spawnd/pool.py): an idle equivalent process, or a

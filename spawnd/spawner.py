@@ -82,7 +82,7 @@ _attr_setsigmask = _bind("posix_spawnattr_setsigmask", _vp, _vp)
 _attr_setpgroup = _bind("posix_spawnattr_setpgroup", _vp, _int)
 
 
-def _sigset_of_all_signals() -> ctypes.Array:
+def _sigset_of_all_signals(keep: tuple[int, ...] = ()) -> ctypes.Array:
     """Every signal 1..NSIG-1, including glibc's internal 32 and 33.
 
     Not sigfillset: it leaves out the internal signals, and for signals outside the
@@ -93,6 +93,8 @@ def _sigset_of_all_signals() -> ctypes.Array:
     word_bits = 8 * ctypes.sizeof(ctypes.c_ulong)
     words = (ctypes.c_ulong * (_SIGSET_SIZE * 8 // word_bits)).from_buffer(buf)
     for sig in range(1, signal.NSIG):
+        if sig in keep:
+            continue
         words[(sig - 1) // word_bits] |= 1 << ((sig - 1) % word_bits)
     return buf
 
@@ -101,6 +103,9 @@ def _sigset_of_all_signals() -> ctypes.Array:
 # ignore survives exec), and an empty mask (all zero bytes, as sigemptyset makes it).
 _ALL_SIGNALS = _sigset_of_all_signals()
 _NO_SIGNALS = ctypes.create_string_buffer(_SIGSET_SIZE)
+# restore_signals=False (subprocess's flag): SIGPIPE and SIGXFSZ keep the daemon's SIG_IGN
+# (Python's), which is what the stdlib's child inherits from a Python parent.
+_ALL_BUT_PIPE_XFSZ = _sigset_of_all_signals((signal.SIGPIPE, signal.SIGXFSZ))
 
 
 # --- public API ------------------------------------------------------------------------
@@ -144,6 +149,7 @@ class SpawnSpec:
     pgroup: int | None = None
     umask: int | None = None
     exec_fd: int | None = None
+    restore_signals: bool = True  # False: SIGPIPE/SIGXFSZ stay ignored, as the stdlib does
 
 
 def spawn(spec: SpawnSpec) -> int:
@@ -187,7 +193,8 @@ def spawn(spec: SpawnSpec) -> int:
         if spec.cwd is not None:
             _ok(_fa_chdir(actions, spec.cwd), STAGE_CWD, spec.cwd)
         _ok(_attr_setflags(attr, flags), STAGE_EXEC)
-        _ok(_attr_setsigdefault(attr, _ALL_SIGNALS), STAGE_EXEC)
+        _ok(_attr_setsigdefault(
+            attr, _ALL_SIGNALS if spec.restore_signals else _ALL_BUT_PIPE_XFSZ), STAGE_EXEC)
         _ok(_attr_setsigmask(attr, _NO_SIGNALS), STAGE_EXEC)
         if pgroup is not None:
             _ok(_attr_setpgroup(attr, pgroup), STAGE_EXEC)

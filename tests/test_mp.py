@@ -609,3 +609,52 @@ def test_many_threads_start_processes_concurrently(ctx: mp.SpawndContext) -> Non
     for t in threads:
         t.join()
     assert results == [5] * 8
+
+
+def test_set_start_method_after_using_a_context(mpd: Daemon, tmp_path: Path) -> None:
+    """docs/multiprocessing.md's snippet: a context used first, then set_start_method."""
+    script = tmp_path / "prog.py"
+    script.write_text(textwrap.dedent(f"""
+        import multiprocessing
+        from spawnd_client import mp
+
+        if __name__ == "__main__":
+            ctx = mp.get_context(socket={mpd.path!r})
+            with ctx.Pool(2) as pool:
+                print(pool.map(abs, [-1, -2]))
+            mp.register(socket={mpd.path!r})
+            multiprocessing.set_start_method("spawnd")
+            print(multiprocessing.get_start_method())
+    """))
+    out = subprocess.run([PY, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[1,", "2]", "spawnd"]
+
+
+def test_auto_warm_pool_follows_demand(mpd: Daemon, mark: str) -> None:
+    """No options: the first start makes no pool; a second start makes a pool as large as
+    the concurrency it saw (bounded by the CPUs), served warm from then on."""
+    ctx = mp.get_context(socket=mpd.path, idle_timeout=60)
+    assert ctx.options.warm == "auto"
+    p = ctx.Process(target=time.sleep, args=(0,))
+    p.start()
+    p.join(30)
+    assert not marked(mpd, mark)  # one start: no pool
+    ps = [ctx.Process(target=time.sleep, args=(3,)) for _ in range(2)]
+    for q in ps:
+        q.start()
+    want = min(2, os.cpu_count() or 1)
+    assert wait_until(lambda: len(marked(mpd, mark)) == want, 30)
+    for q in ps:
+        q.join(30)
+    idle = marked(mpd, mark)
+    r = ctx.Process(target=time.sleep, args=(0,))
+    r.start()
+    assert r.pid in idle
+    r.join(30)
+    zero = mp.get_context(socket=mpd.path, warm=0)
+    for _ in range(2):
+        z = zero.Process(target=time.sleep, args=(0,))
+        z.start()
+        z.join(30)
+    assert len(marked(mpd, mark)) == want  # warm=0 made no pool of its own

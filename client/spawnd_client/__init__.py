@@ -12,13 +12,28 @@ from typing import Any
 
 from .client import Child, Client, default_client
 from .errors import DaemonConnectionError, DaemonUnavailable
-from .popen import DEVNULL, PIPE, STDOUT, Popen, call, check_call, check_output, run
+
+# The process-wide switch (docs/install.md). The functions shadow the submodule's name:
+# reach the module itself as sys.modules["spawnd_client.install"].
+from .install import install, uninstall
+from .popen import (
+    DEVNULL,
+    PIPE,
+    STDOUT,
+    Popen,
+    call,
+    check_call,
+    check_output,
+    getoutput,
+    getstatusoutput,
+    run,
+)
 
 __all__ = [
     "DEVNULL", "PIPE", "STDOUT", "AsyncClient", "CalledProcessError", "Child", "Client",
     "CompletedProcess", "DaemonConnectionError", "DaemonUnavailable", "Popen",
     "SubprocessError", "TimeoutExpired", "call", "check_call", "check_output",
-    "default_client", "run",
+    "default_client", "getoutput", "getstatusoutput", "install", "run", "uninstall",
 ]
 
 

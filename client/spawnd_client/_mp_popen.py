@@ -85,6 +85,31 @@ def boot_argv(ctx: SpawndContext, prep_data: Mapping[str, Any], socket_path: str
     return [exe, *util._args_from_interpreter_flags(), "-c", code, "--multiprocessing-fork"]
 
 
+def _warm_request(warm: int | str, idle_timeout: float) -> dict[str, Any] | None:
+    """The request's ``warm``: "auto" asks the daemon to size the pool from demand, capped
+    at this machine's CPUs (spawnd/pool.py); an int is a fixed size; 0 is none."""
+    if warm == "auto":
+        from .mp import MAX_WARM
+
+        return {"size": min(MAX_WARM, os.cpu_count() or 1), "idle_timeout": idle_timeout,
+                "auto": True}
+    return {"size": warm, "idle_timeout": idle_timeout} if warm else None
+
+
+def _preparation_data(name: str) -> dict[str, Any]:
+    """``spawn.get_preparation_data`` without its side effect: it calls
+    ``get_start_method()``, which fixes the default context, so a later
+    ``set_start_method()`` would raise although this program never chose one."""
+    from multiprocessing import context
+
+    default = context._default_context
+    unset = default._actual_context is None
+    data = spawn.get_preparation_data(name)
+    if unset:
+        default._actual_context = None
+    return data
+
+
 def _readable(fd: int) -> bool:
     p = select.poll()
     p.register(fd, select.POLLIN)
@@ -121,7 +146,7 @@ class Popen:
         from ._mp_tracker import getfd_for
 
         tracker_fd = getfd_for(ctx)
-        prep_data = spawn.get_preparation_data(process_obj._name)
+        prep_data = _preparation_data(process_obj._name)
         fp = io.BytesIO()
         set_spawning_popen(self)
         try:
@@ -146,7 +171,7 @@ class Popen:
                 if is_open(std):
                     fds[std] = std
             argv = boot_argv(ctx, prep_data, client.transport().path)
-            warm = {"size": o.warm, "idle_timeout": o.idle_timeout} if o.warm else None
+            warm = _warm_request(o.warm, o.idle_timeout)
             child = spawn_child(client, argv, fds, cwd=os.getcwd(),
                                 on_disconnect=o.on_disconnect, grace=o.grace, warm=warm)
         except BaseException:

@@ -179,7 +179,7 @@ class Client:
               extra_groups: Iterable[int] | None = None, umask: int | None = None,
               capabilities: Iterable[str] = (), rlimits: Mapping[str, tuple[int, int]] | None = None,
               no_new_privs: bool = False, warm: Mapping[str, Any] | None = None,
-              args: Any = None) -> Child:
+              args: Any = None, restore_signals: bool = True) -> Child:
         """Start a child; raises ``FileNotFoundError`` etc. at once if it cannot run.
 
         ``fds`` maps the child's fd numbers to our fds (sent with SCM_RIGHTS); the child
@@ -196,7 +196,8 @@ class Client:
             on_disconnect=on_disconnect, grace=grace, want_pidfd=want_pidfd, user=user,
             group=group, extra_groups=extra_groups, umask=umask, capabilities=capabilities,
             rlimits=rlimits, no_new_privs=no_new_privs,
-            warm=None if warm is None else dict(warm))
+            warm=None if warm is None else dict(warm),
+            restore_signals=restore_signals)  # subprocess's flag (SIGPIPE/SIGXFSZ)
 
         def adopt(ev: P.Spawned) -> Child:
             pidfd = ev.fds_received[0] if ev.pidfd and ev.fds_received else None

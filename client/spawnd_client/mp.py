@@ -48,7 +48,9 @@ class Options:
     """How a context starts processes. Every field is the same for all its starts.
 
     ``socket``: the daemon (default ``$SPAWND_SOCKET`` or the per-user/system socket, with
-    the client's autostart rules). ``warm``: idle pre-started interpreters to keep (0: none).
+    the client's autostart rules). ``warm``: idle pre-started interpreters to keep: ``"auto"`` (default) lets the daemon
+    size the pool from the demand it sees (see docs/multiprocessing.md), an int fixes it,
+    0 turns it off.
     ``preload``: modules a warm interpreter imports before it is needed (``"__main__"``
     means the parent's main module, as ``__mp_main__``). ``idle_timeout``: seconds without
     a start after which the daemon empties the warm pool. ``on_disconnect``/``grace``: what
@@ -56,7 +58,7 @@ class Options:
     """
 
     socket: str | None = None
-    warm: int = 0
+    warm: int | str = "auto"
     preload: tuple[str, ...] = ("__main__",)
     idle_timeout: float = 60.0
     on_disconnect: str = "terminate"
@@ -67,8 +69,10 @@ class Options:
         if isinstance(self.preload, str) or not all(isinstance(m, str) for m in self.preload):
             raise TypeError("preload must be a sequence of module names")
         object.__setattr__(self, "preload", tuple(self.preload))
-        if not (isinstance(self.warm, int) and 0 <= self.warm <= MAX_WARM):
-            raise ValueError(f"warm must be an integer in [0, {MAX_WARM}]")
+        if self.warm != "auto" and not (isinstance(self.warm, int)
+                                        and not isinstance(self.warm, bool)
+                                        and 0 <= self.warm <= MAX_WARM):
+            raise ValueError(f'warm must be "auto" or an integer in [0, {MAX_WARM}]')
         if not 0 < self.idle_timeout <= 3600:
             raise ValueError("idle_timeout must be in (0, 3600] seconds")
         if self.on_disconnect not in ON_DISCONNECT:
