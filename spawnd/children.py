@@ -28,6 +28,8 @@ import math
 import os
 import select
 import signal
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -99,6 +101,9 @@ class ChildTable:
         self._seq = 0
         self._wait_scope: trio.CancelScope | None = None
         nursery.start_soon(self._reaper)
+        # (monotonic time, pid) of the last reaps: a child may signal the daemon and exit
+        # before the signal is read; spawnd/signals.py must still know it was a child.
+        self.recently_reaped: deque[tuple[float, int]] = deque(maxlen=4096)
 
     def __len__(self) -> int:
         return len(self._by_pid)
@@ -217,6 +222,7 @@ class ChildTable:
         else:
             del self._by_fd[child.pidfd]
             self._epoll.unregister(child.pidfd)  # explicitly: a client may hold a dup of it
+        self.recently_reaped.append((time.monotonic(), child.pid))
         n = self._per_uid[child.uid] - 1
         if n:
             self._per_uid[child.uid] = n

@@ -36,15 +36,7 @@ def open_listener(path: str, group: int | None) -> socket.socket:
     os.makedirs(os.path.dirname(path) or ".", mode=0o755 if os.geteuid() == 0 else 0o700,
                 exist_ok=True)
     if os.path.exists(path):
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)
-        else:
-            raise SystemExit(f"spawnd: a daemon is already listening on {path}")
-        finally:
-            probe.close()
+        _check_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)  # no window in which the socket is open to others
     try:
@@ -56,15 +48,53 @@ def open_listener(path: str, group: int | None) -> socket.socket:
     return sock
 
 
+def _check_stale(path: str) -> None:
+    """Remove a stale socket file; refuse (one line, exit 1) if something listens on it.
+
+    Says who holds it: a listener of another uid (SO_PEERCRED) may be squatting on the path
+    to receive clients' environments and stdio, which is worth knowing by name.
+    """
+    import struct
+
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(5)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            try:
+                os.unlink(path)  # nothing listens: a leftover of a daemon that died
+            except FileNotFoundError:
+                pass
+            return
+        except OSError as e:  # EACCES, a timeout: held, and not ours to delete
+            try:
+                owner = f" (the socket file belongs to uid {os.stat(path).st_uid})"
+            except OSError:
+                owner = ""
+            raise SystemExit(f"spawnd: cannot check {path}: {e.strerror or e}{owner}; "
+                             "not replacing it") from None
+        pid, uid, _ = struct.unpack("3i", probe.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    finally:
+        probe.close()
+    if uid != os.geteuid():
+        raise SystemExit(f"spawnd: {path} is held by a listener of another user: uid {uid} "
+                         f"(pid {pid}); we are uid {os.geteuid()}. Not starting: use another "
+                         "--socket or stop that process")
+    raise SystemExit(f"spawnd: a daemon is already listening on {path} (pid {pid})")
+
+
 def _serve(args: argparse.Namespace) -> int:
     import trio
 
     from .activation import ActivationError, Notifier, listen_sockets, secure_socket_path
     from .log import setup_logging
     from .policy import Policy, PolicyFileError
-    from .server import Options, Server
+    from .server import Options, Server, raise_nofile_limit
 
     setup_logging(args.log_level)
+    child_nofile = raise_nofile_limit()  # every client's fds and pidfds are held here
     group = _group_id(args.group) if args.group else None
     try:
         policy = Policy.load(args.config) if args.config else Policy.default(os.getuid())
@@ -102,6 +132,7 @@ def _serve(args: argparse.Namespace) -> int:
         reload_policy=(lambda: Policy.load(args.config)) if args.config else None,
         lifeline=args.lifeline,
     )
+    server.child_nofile = child_nofile
     if args.ready_fd is not None:
         async def main() -> None:
             async with trio.open_nursery() as n:

@@ -67,9 +67,11 @@ class ProtocolError(Exception):
     """
 
     def __init__(self, message: str, *, field: str | None = None, request_id: int | None = None,
-                 fatal: bool = False, errno: int = _errno.EINVAL) -> None:
+                 fatal: bool = False, errno: int = _errno.EINVAL,
+                 stage: str = STAGE_PROTOCOL) -> None:
         super().__init__(message)
         self.message = message
+        self.stage = stage  # what the refusal's Error says failed (STAGE_FDS: lost fds)
         self.field = field
         self.request_id = request_id
         self.fatal = fatal
@@ -168,11 +170,16 @@ class Spawn(Event):
 
 @dataclass(frozen=True, slots=True)
 class Signal(Event):
-    """Send ``signal`` to a child this connection owns."""
+    """Send ``signal`` to a child this connection started.
+
+    ``child`` is the request id of the :class:`Spawn` that started it, on this connection:
+    never a bare pid, which may belong to another process by the time it is read. A child
+    that has been reaped is ESRCH, as ``kill`` would say.
+    """
 
     T: ClassVar[str] = "signal"
     id: int
-    pid: int
+    child: int
     signal: int
 
 
@@ -497,6 +504,7 @@ def _parse(m: Any, fds: tuple[int, ...], allowed: Mapping[str, type[Event]]) -> 
 
 _SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
     "version": (int,), "agent": (str,), "pid": (int,), "signal": (int,), "pidfd": (bool,),
+    "child": (int,),
     "children": (int,), "connections": (int,), "returncode": (int,), "errno": (int,),
     "stage": (str,), "message": (str,), "name": (str,), "field": (str,), "filename": (str,),
 }
@@ -534,6 +542,9 @@ class Connection:
         self._buf = bytearray()
         self._consumed = 0  # stream offset of self._buf[0]
         self._fds: deque[tuple[int, int]] = deque()  # (stream offset, fd)
+        # Stream offsets of reads whose control message was truncated (MSG_CTRUNC): the
+        # frame holding that offset lost fds and is refused alone (EMFILE, STAGE_FDS).
+        self._lost: deque[int] = deque()
         self._events: deque[Event] = deque()
         self._dead: ProtocolError | None = None
         self.their_hello: Hello | None = None
@@ -545,14 +556,23 @@ class Connection:
         return bool(self._buf)
 
     # -- receiving
-    def receive_data(self, data: bytes, fds: Iterable[int] = ()) -> None:
-        """Feed bytes read from the peer and the fds that came with them (b"" = EOF)."""
+    def receive_data(self, data: bytes, fds: Iterable[int] = (), *,
+                     truncated: bool = False) -> None:
+        """Feed bytes read from the peer and the fds that came with them (b"" = EOF).
+
+        ``truncated``: the read's control message was cut short (``MSG_CTRUNC``: the
+        receiver was at its fd limit) and some of its fds were lost. On the server side the
+        frame they came with is then refused alone (EMFILE, stage ``fds``), its surviving
+        fds handed back on the error; the connection goes on.
+        """
         # The kernel ends a read right after the message that carried fds, and that message
         # is one whole frame (one sendmsg), so fds belong to the frame holding the chunk's
         # LAST byte; earlier frames in the same chunk came without fds.
         offset = self._consumed + len(self._buf) + max(len(data) - 1, 0)
         for fd in fds:
             self._fds.append((offset, fd))
+        if truncated and data:
+            self._lost.append(offset)
         if self._dead is not None:
             raise copy.copy(self._dead)  # a fresh traceback each time
         if not data:
@@ -592,11 +612,23 @@ class Connection:
             del self._buf[:end]
             self._consumed += end
             fds = self._claim_fds(start, self._consumed)
+            lost = self._claim_lost(self._consumed)
             try:
                 msg, dup = self._unpack(body)
             except ProtocolError as e:
                 self._fds.extendleft((start, fd) for fd in reversed(fds))
                 self._die(e)
+            if lost and self.role == "server":
+                e = ProtocolError(
+                    f"fds: the daemon is at its fd limit: {len(fds)} of this request's fds "
+                    "arrived, the rest were lost (control message truncated)",
+                    field="fds", request_id=_rid(msg) if isinstance(msg, dict) else None,
+                    errno=_errno.EMFILE, stage=STAGE_FDS)
+                if self.their_hello is None:
+                    self._fds.extendleft((start, fd) for fd in reversed(fds))
+                    self._die(e)
+                e.fds = fds  # type: ignore[attr-defined]  # the caller closes them
+                raise e
             try:
                 if dup is not None and isinstance(msg, dict):  # msgpack itself keeps the last
                     raise ProtocolError(f"duplicate map key {_short(dup)}", request_id=_rid(msg),
@@ -623,6 +655,14 @@ class Connection:
             elif isinstance(ev, Hello):
                 raise ProtocolError("hello sent twice", field="t")
             return ev
+
+    def _claim_lost(self, end: int) -> bool:
+        """Whether a truncated read ended inside the frame ending at ``end``."""
+        lost = False
+        while self._lost and self._lost[0] < end:
+            self._lost.popleft()
+            lost = True
+        return lost
 
     def _claim_fds(self, start: int, end: int) -> tuple[int, ...]:
         # fds attributed to this frame (or, stray, to none before it): the parser checks the

@@ -15,6 +15,7 @@ import dataclasses
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 import trio
 
-from . import fdpass, peer, privileged, spawner
+from . import caps, fdpass, peer, privileged, signals, spawner
 from . import protocol as P
 from .activation import Notifier
 from .children import Child, ChildTable
@@ -42,6 +43,7 @@ FD_SPACE = socket.CMSG_SPACE(P.MAX_FDS * 4)
 ACCEPT_BACKOFF = 0.1  # out of fds: retry accept this often instead of spinning
 FLUSH_TIMEOUT = 2.0  # at shutdown, how long queued exit events may take to reach clients
 MAX_BACKLOG = 256  # replies queued for a client that does not read them: stop reading it
+RECENT_CHILD = 10.0  # a signal from a pid reaped this recently still came from a child
 
 
 @dataclass
@@ -66,6 +68,47 @@ def _close_all(fds: tuple[int, ...] | list[int]) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+def _open_spare() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _nofile_soft() -> int:
+    import resource
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise our soft RLIMIT_NOFILE to the hard limit (every client's fds and children's
+    pidfds are ours to hold); return the limits we started with."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.info("raised the open-files limit (RLIMIT_NOFILE) from %d to %d", soft, hard)
+        except (OSError, ValueError) as e:
+            log.warning("could not raise the open-files limit from %d to %d: %s", soft, hard, e)
+    return soft, hard
+
+
+def _with_child_nofile(spec: spawner.SpawnSpec, limits: tuple[int, int] | None
+                       ) -> spawner.SpawnSpec:
+    """Give the child the daemon's original NOFILE limit, unless the request set one.
+
+    The daemon raised its own soft limit at start; a request without the caller's limits
+    (an old or minimal client) must not hand that to its child.
+    """
+    if limits is None:
+        return spec
+    have = spec.rlimits
+    if any(r == resource.RLIMIT_NOFILE for r, _, _ in have):
+        return spec
+    return dataclasses.replace(spec, rlimits=(*have, (resource.RLIMIT_NOFILE, *limits)))
 
 
 class RateLimiter:
@@ -105,6 +148,15 @@ class Server:
         self.pool: WarmPool  # created in run(), like the ChildTable
         self._stopping = trio.Event()
         self._activity = trio.Event()
+        # Accept at the fd limit: this fd is given up to accept one connection and tell it
+        # why it cannot be served (EMFILE, stage "limit"), instead of leaving it hanging.
+        self._spare: int | None = None
+        self._accept_scopes: list[trio.CancelScope] = []
+        self._trio_listeners: list[trio.socket.SocketType] = []
+        self._log_limit = signals.LogLimiter()
+        # RLIMIT_NOFILE (soft, hard) before raise_nofile_limit(): what children get unless
+        # the request says otherwise (a select() loop in a child must not see 500000).
+        self.child_nofile: tuple[int, int] | None = None
 
     def stop(self) -> None:
         self._stopping.set()
@@ -116,16 +168,19 @@ class Server:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as root:
+            # Signals first and for the whole run (shutdown included): a child's SIGUSR1 or
+            # a second SIGTERM while children are being stopped must not kill us. In place
+            # before READY=1: `systemctl reload` right after start must not kill us either.
+            await root.start(self._signals)
             self.children = ChildTable(root, on_change=self.poke)
             self.pool = WarmPool(root, self.options.pool_max)  # refills run under the root
+            self._spare = _open_spare()
             async with trio.open_nursery() as conns:
                 async with trio.open_nursery() as helpers:
                     for sock in self.listeners:
-                        helpers.start_soon(self._accept_loop, trio.socket.from_stdlib_socket(sock),
-                                           conns)
-                    # Handlers in place before READY=1: `systemctl reload` right after start
-                    # must not kill us with SIGHUP's default action.
-                    await helpers.start(self._signals)
+                        tsock = trio.socket.from_stdlib_socket(sock)
+                        self._trio_listeners.append(tsock)
+                        helpers.start_soon(self._accept_loop, tsock, sock, conns)
                     if self.notifier.watchdog_interval:
                         helpers.start_soon(self._watchdog)
                     if self.notifier.enabled:
@@ -153,33 +208,145 @@ class Server:
                         await self._activity.wait()
                 conns.cancel_scope.cancel()
             root.cancel_scope.cancel()
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
         log.info("stopped")
 
     # -- helpers under the root
-    async def _accept_loop(self, lsock: trio.socket.SocketType, conns: trio.Nursery) -> None:
-        while True:
-            try:
-                sock, _ = await lsock.accept()
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("accept: %s; retrying in %.1fs", e.strerror, ACCEPT_BACKOFF)
-                    await trio.sleep(ACCEPT_BACKOFF)
-                    continue
-                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
-                    continue
-                raise
-            conns.start_soon(ConnectionHandler(self, sock).run)
+    async def _accept_loop(self, lsock: trio.socket.SocketType, raw: socket.socket,
+                           conns: trio.Nursery) -> None:
+        with trio.CancelScope() as scope:
+            self._accept_scopes.append(scope)
+            while True:
+                try:
+                    sock, _ = await lsock.accept()
+                except trio.ClosedResourceError:  # closed by _stop_accepting
+                    return
+                except OSError as e:
+                    if e.errno in (errno.EMFILE, errno.ENFILE):
+                        try:
+                            await self._at_fd_limit(raw, conns)
+                        except trio.ClosedResourceError:
+                            return
+                        continue
+                    if e.errno in (errno.ENOBUFS, errno.ENOMEM):
+                        if self._log_limit.allow(("accept", e.errno)) is not None:
+                            log.warning("accept: %s; retrying in %.1fs", e.strerror,
+                                        ACCEPT_BACKOFF)
+                        await trio.sleep(ACCEPT_BACKOFF)
+                        continue
+                    if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                        continue
+                    raise
+                conns.start_soon(ConnectionHandler(self, sock).run)
+
+    async def _at_fd_limit(self, raw: socket.socket, conns: trio.Nursery) -> None:
+        """accept4 fails EMFILE as soon as the fd table is full, before it even looks for a
+        pending client: wait for one (no spin), take it if an fd came free meanwhile, else
+        refuse it with the spare fd (no client is left hanging)."""
+        await trio.lowlevel.wait_readable(raw)
+        try:
+            conn, _ = raw.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE):
+                return  # the accept loop sees it again and decides
+            if not self._refuse_at_limit(raw):
+                if self._log_limit.allow(("accept", e.errno)) is not None:
+                    log.warning("accept: %s and no spare fd; retrying in %.1fs", e.strerror,
+                                ACCEPT_BACKOFF)
+                await trio.sleep(ACCEPT_BACKOFF)
+            return
+        conns.start_soon(ConnectionHandler(self, trio.socket.from_stdlib_socket(conn)).run)
+
+    def _refuse_at_limit(self, raw: socket.socket) -> bool:
+        """Out of fds: give up the spare, accept one client, tell it why, close it.
+
+        Synchronous (no checkpoint between freeing the spare and using it, so no other task
+        can take that fd). Returns False when there is no spare to give (the caller backs
+        off instead of spinning).
+        """
+        if self._spare is None:
+            self._spare = _open_spare()
+            if self._spare is None:
+                return False
+        os.close(self._spare)
+        self._spare = None
+        try:
+            conn, _ = raw.accept()
+        except (BlockingIOError, InterruptedError):
+            conn = None  # the pending client went away meanwhile
+        except OSError as e:
+            log.warning("accept at the fd limit: %s", e.strerror)
+            conn = None
+        if conn is not None:
+            with conn:
+                proto = P.Connection("server")
+                limit = _nofile_soft()
+                msg = (f"spawnd (pid {os.getpid()}) is at its limit of {limit} open files "
+                       "(RLIMIT_NOFILE) and cannot take a new connection now; retry later")
+                data = (proto.send(P.Hello(agent="spawnd", pid=os.getpid()))
+                        + proto.send(P.Error(id=None, errno=errno.EMFILE, name="EMFILE",
+                                             stage=P.STAGE_LIMIT, message=msg)))
+                try:
+                    conn.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                except OSError:
+                    pass
+            n = self._log_limit.allow("accept-limit")
+            if n is not None:
+                log.warning("out of fds: refused a new connection (EMFILE)%s",
+                            f"; {n} more since the last message" if n else "")
+        self._spare = _open_spare()
+        return True
 
     async def _signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                        ) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        """Read the daemon's signals from a signalfd (see spawnd/signals.py for the policy)."""
+        sfd = signals.SignalFD()
+        try:
             task_status.started()
-            async for sig in sigs:
-                if sig == signal.SIGHUP:
-                    self.reload()
-                else:
-                    log.info("received %s", signal.Signals(sig).name)
-                    self.stop()
+            while True:
+                await trio.lowlevel.wait_readable(sfd.fd)
+                for info in sfd.read():
+                    self._on_signal(info)
+        finally:
+            trio.lowlevel.notify_closing(sfd.fd)
+            for info in sfd.close():
+                log.info("at exit, %s from pid %d was still pending", info.name, info.pid)
+
+    def _on_signal(self, info: signals.SigInfo) -> None:
+        from_child = self._sent_by_child(info.pid)
+        action = signals.decide(info, from_child)
+        if action == "stop":
+            log.info("received %s from pid %d (uid %d)", info.name, info.pid, info.uid)
+            self.stop()
+        elif action == "reload":
+            self.reload()
+        else:
+            n = self._log_limit.allow((info.signo, action))
+            if n is not None:
+                log.warning("ignored %s from pid %d (uid %d)%s%s", info.name, info.pid, info.uid,
+                            ": a child of the daemon" if from_child else "",
+                            f"; {n} more since the last message" if n else "")
+
+    def _sent_by_child(self, pid: int) -> bool:
+        """Whether ``pid`` is something this daemon spawned (or just reaped)."""
+        if pid <= 0 or pid == os.getpid():  # the kernel, or ourselves
+            return False
+        children = getattr(self, "children", None)
+        if children is not None:
+            if children.get(pid) is not None:
+                return True
+            now = time.monotonic()
+            for when, reaped in reversed(children.recently_reaped):
+                if now - when > RECENT_CHILD:
+                    break
+                if reaped == pid:
+                    return True
+        # warm-pool processes, trampolines not yet registered, a child's own children
+        return signals.sender_is_descendant(pid)
 
     def reload(self) -> None:
         """SIGHUP: swap in a freshly validated policy; keep the old one if the new is bad."""
@@ -211,7 +378,12 @@ class Server:
             await trio.sleep(1.0)
 
     async def _watch_lifeline(self) -> None:
-        """A private daemon lives as long as the client that started it holds the other end."""
+        """A private daemon serves the client that started it and holds the other end.
+
+        When that end closes, the daemon takes no new connection (its socket is closed and
+        unlinked), lets the client's remaining connections close (their children meet their
+        ``on_disconnect`` fate), lingers while ``keep`` children still run, then exits.
+        """
         assert self.lifeline is not None
         os.set_blocking(self.lifeline, False)
         while True:
@@ -224,7 +396,30 @@ class Server:
             except OSError:
                 break
         log.info("the client that started this private daemon is gone")
+        self._stop_accepting()
+        said = False
+        while self.connections or len(self.children):
+            if not self.connections and not said:
+                said = True
+                log.info("lingering until the keep children have exited (%d children left)",
+                         len(self.children))
+            await self._activity.wait()
         self.stop()
+
+    def _stop_accepting(self) -> None:
+        for scope in self._accept_scopes:
+            scope.cancel()
+        for tsock in self._trio_listeners:
+            try:
+                path = tsock.getsockname()
+            except OSError:
+                path = None
+            tsock.close()
+            if isinstance(path, str) and path.startswith("/"):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
 
     async def _idle_exit(self, seconds: float) -> None:
         """Exit after ``seconds`` with no connection and no child (every reap pokes us)."""
@@ -260,6 +455,9 @@ class ConnectionHandler:
         self._raw: socket.socket | None = None
         self._writing = False  # the writer task is between taking a frame and finishing it
         self._drained = trio.Event()  # set by the writer each time it has sent something
+        # This connection's live children by the id of the Spawn that started them: Signal
+        # names a child this way, never by pid. Removed when the child is reaped.
+        self.kids: dict[int, Child] = {}
 
     def close_soon(self) -> None:
         """Flush what is queued, then close (used at daemon shutdown)."""
@@ -354,19 +552,22 @@ class ConnectionHandler:
         # The outbox was closed (reader done, or shutdown) and flushed, or the peer is gone.
         self.scope.cancel()
 
-    async def _recv(self) -> tuple[bytes, list[int]]:
+    async def _recv(self) -> tuple[bytes, list[int], bool]:
         try:
             data, anc, flags, _ = await self.sock.recvmsg(RECV_SIZE, FD_SPACE,
                                                           socket.MSG_CMSG_CLOEXEC)
         except ConnectionResetError:  # closed with our replies unread: just a disconnect
-            return b"", []
+            return b"", [], False
         fds = fdpass.received_fds(anc)
         if flags & socket.MSG_CTRUNC:
-            _close_all(fds)
-            raise P.ProtocolError("control message truncated (too many fds, or the daemon "
-                                  "is out of fds): fds were lost", field="fds",
-                                  errno=errno.EMFILE, fatal=True)
-        return data, fds
+            # At our fd limit the kernel installs what fits and drops the rest: only the
+            # request these fds came with is refused (EMFILE, stage "fds"), by the parser.
+            n = self.server._log_limit.allow("ctrunc")
+            if n is not None:
+                log.warning("control message truncated: %d fds arrived, the rest were lost "
+                            "(out of fds?)%s", len(fds),
+                            f"; {n} more since the last message" if n else "")
+        return data, fds, bool(flags & socket.MSG_CTRUNC)
 
     async def _reader(self) -> None:
         assert self.peer is not None
@@ -386,8 +587,8 @@ class ConnectionHandler:
                 await self._drained.wait()
             try:
                 with trio.fail_at(deadline) if deadline is not None else nullcontext():
-                    data, fds = await self._recv()
-                self.proto.receive_data(data, fds)
+                    data, fds, truncated = await self._recv()
+                self.proto.receive_data(data, fds, truncated=truncated)
                 while True:
                     try:
                         ev = self.proto.next_event()
@@ -398,7 +599,10 @@ class ConnectionHandler:
                         continue
                     if ev is None:
                         break
-                    await self._dispatch(ev)
+                    try:
+                        await self._dispatch(ev)
+                    finally:  # whatever happened in the handler, the request's fds are done
+                        _close_all(getattr(ev, "fds_received", ()))
             except trio.TooSlowError:
                 what = "hello" if self.proto.their_hello is None else "the rest of a message"
                 self.send(P.Error(id=None, errno=errno.ETIMEDOUT, name="ETIMEDOUT",
@@ -424,15 +628,12 @@ class ConnectionHandler:
         assert self.peer is not None
         _close_all(getattr(e, "fds", ()))
         log.info("protocol error from uid %d: %s", self.peer.uid, e.message)
-        self.send(P.error_for(e, e.request_id, P.STAGE_PROTOCOL))
+        self.send(P.error_for(e, e.request_id, e.stage))
 
     # -- requests
     async def _dispatch(self, ev: P.Event) -> None:
         if isinstance(ev, P.Spawn):
-            try:
-                await self._spawn(ev)
-            finally:
-                _close_all(ev.fds_received)
+            await self._spawn(ev)
         elif isinstance(ev, P.Signal):
             self._signal(ev)
         elif isinstance(ev, P.Ping):
@@ -458,6 +659,11 @@ class ConnectionHandler:
             log.info("refused spawn for uid %d: %s", self.peer.uid, e.message)
             self.send(P.Error(id=req.id, errno=e.errno, name=errno.errorcode.get(e.errno, ""),
                               stage=P.STAGE_LIMIT, message=e.message, field=e.field))
+            return
+        if req.id in self.kids:  # Signal and Exit name children by this id: keep it unique
+            self.send(P.Error(id=req.id, errno=errno.EEXIST, name="EEXIST", field="id",
+                              stage=P.STAGE_PROTOCOL,
+                              message=f"request id {req.id} already names a live child"))
             return
         uid = self.peer.uid
         server.starting[uid] = server.starting.get(uid, 0) + 1  # privileged starts await
@@ -485,6 +691,7 @@ class ConnectionHandler:
         except OSError as e:
             self.send(P.error_for(e, req.id, P.STAGE_FDS))
             return
+        self.kids[req.id] = child
         log.debug("uid %d spawned %d: %r", self.peer.uid, pid, req.argv[0])
         fds = []
         if req.want_pidfd:
@@ -514,10 +721,15 @@ class ConnectionHandler:
             spec = spawner.SpawnSpec(
                 executable=real if is_script else resolved, argv=grant.argv, env=grant.env,
                 fd_map=tuple(zip(req.child_fds, req.fds, strict=True)), cwd=req.cwd,
-                setsid=req.start_new_session, pgroup=req.process_group, umask=grant.umask,
+                setsid=req.start_new_session, umask=grant.umask,
+                # default: a process group of its own, so `kill 0` in a child cannot reach
+                # the daemon or other clients' children (subprocess's flags still apply)
+                pgroup=0 if req.process_group is None and not req.start_new_session
+                else req.process_group,
                 exec_fd=None if is_script else exec_fd,
                 restore_signals=req.restore_signals,
                 **inherited_spec(self.server.policy, self.peer, self.sock, req, grant))
+            spec = _with_child_nofile(spec, self.server.child_nofile)  # infra: pre-raise limit
             if req.warm is not None and not privileged.needs_helper(spec, grant):
                 # multiprocessing warm pool (spawnd/pool.py): an idle equivalent process, or a
                 # fresh one, gets the request's fds by handoff; the caller registers the pid.
@@ -531,19 +743,20 @@ class ConnectionHandler:
 
     def _child_exited(self, child: Child) -> None:
         assert child.returncode is not None
+        if self.kids.get(child.request_id) is child:
+            del self.kids[child.request_id]
         self.send(P.Exit(id=child.request_id, pid=child.pid, returncode=child.returncode))
 
     def _signal(self, req: P.Signal) -> None:
-        child = self.server.children.get(req.pid)
+        """Signal a child of this connection, named by its spawn request id (never a pid)."""
+        child = self.kids.get(req.child)
         if not 0 <= req.signal < signal.NSIG:
             self.send(P.Error(id=req.id, errno=errno.EINVAL, name="EINVAL", field="signal",
                               stage=P.STAGE_PROTOCOL, message=f"no signal {req.signal}"))
-        elif child is None:
+        elif child is None or child.pidfd < 0:
             self.send(P.Error(id=req.id, errno=errno.ESRCH, name="ESRCH", stage=P.STAGE_POLICY,
-                              field="pid", message=f"no live child {req.pid}"))
-        elif child.owner is not self:
-            self.send(P.Error(id=req.id, errno=errno.EPERM, name="EPERM", stage=P.STAGE_POLICY,
-                              field="pid", message=f"child {req.pid} belongs to another client"))
+                              field="child", message=f"no live child started by request "
+                              f"{req.child} on this connection"))
         else:
             try:
                 self.server.children.signal(child, req.signal)
@@ -557,6 +770,26 @@ class ConnectionHandler:
 # What the child inherits from its caller: request -> SpawnSpec fields (spawnd/peer.py).
 
 _DAEMON_UID = os.geteuid()
+_DAEMON_CAPS = caps.own_permitted()
+_own_state: peer.KernelState | None = None
+
+
+def _daemon_state() -> tuple[peer.KernelState, peer.KernelState | None]:
+    """The daemon's own limits/nice/affinity (read once: only start-up changes them, before
+    the first spawn), and the most it can give a child: without CAP_SYS_RESOURCE it cannot
+    raise a hard limit, without CAP_SYS_NICE it cannot lower nice below RLIMIT_NICE's floor
+    (root in a container often lacks them). None: no ceiling of its own."""
+    global _own_state
+    if _own_state is None:
+        _own_state = peer.own_state()
+    own = _own_state
+    limits_ok = "CAP_SYS_RESOURCE" in _DAEMON_CAPS
+    nice_ok = "CAP_SYS_NICE" in _DAEMON_CAPS
+    if limits_ok and nice_ok:
+        return own, None
+    most = peer.daemon_ceiling(own)
+    return own, peer.KernelState(limits={} if limits_ok else most.limits,
+                                 nice=-20 if nice_ok else most.nice)
 
 
 def caller_cwd(req: P.Spawn) -> bytes | None:
@@ -576,7 +809,7 @@ def inherited_spec(policy: Policy, who: Peer, sock: trio.socket.SocketType, req:
     """SpawnSpec keyword arguments: the caller's cwd fd, and its limits, nice and affinity
     where they differ from the daemon's. A peer of another uid passes on at most its real
     limits and nice value, read from the kernel, unless ``policy`` grants more."""
-    own = peer.own_state()
+    own, most = _daemon_state()
     ceiling: peer.KernelState | None = None
     granted: frozenset[int] = frozenset()
     if who.uid != _DAEMON_UID:
@@ -586,8 +819,8 @@ def inherited_spec(policy: Policy, who: Peer, sock: trio.socket.SocketType, req:
             raise Refused(e.errno or errno.ESRCH, str(e.strerror or e)) from None
         granted = policy.inherit_grants(who, grant)
     fill = ceiling is not None  # a capped peer's child never gets the daemon's own limits
-    if _DAEMON_UID != 0:  # the kernel would refuse more than the daemon's own hard limits
-        ceiling = peer.meet(ceiling, peer.daemon_ceiling(own))
+    if most is not None:  # the kernel would refuse more than the daemon can give
+        ceiling = peer.meet(ceiling, most)
     got = peer.decide(peer.wire_limits(req.limits), req.nice, req.affinity, own, ceiling,
                       granted, fill=fill)
     return {"cwd_fd": req.cwd_dir_fd, "rlimits": got.rlimits, "nice": got.nice,

@@ -232,19 +232,20 @@ def test_socket_is_private(daemon: Daemon) -> None:
 
 
 def test_signal_errors(client: sc.Client, daemon: Daemon) -> None:
+    """Signals name a child by its spawn request id on the same connection (issue 10.6)."""
     other = daemon.client()
     child = other.spawn(["sleep", "30"])
     t = client.transport()
     from spawnd import protocol as P
 
-    with pytest.raises(PermissionError):
-        t.request(P.Signal(id=t.next_id(), pid=child.pid, signal=signal.SIGTERM))
+    with pytest.raises(ProcessLookupError):  # another connection's id space: nothing here
+        t.request(P.Signal(id=t.next_id(), child=child.request_id, signal=signal.SIGTERM))
     with pytest.raises(ProcessLookupError):
-        t.request(P.Signal(id=t.next_id(), pid=os.getpid(), signal=signal.SIGTERM))
+        t.request(P.Signal(id=t.next_id(), child=10**6, signal=signal.SIGTERM))
     child.kill()
     assert child.wait(10) == -signal.SIGKILL
     with pytest.raises(ProcessLookupError):
-        other.transport().request(P.Signal(id=t.next_id(), pid=child.pid, signal=0))
+        other.transport().request(P.Signal(id=t.next_id(), child=child.request_id, signal=0))
 
 
 def _alive(pid: int) -> bool:

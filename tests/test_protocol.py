@@ -63,7 +63,7 @@ EVENTS_CLIENT = [
             cwd=b"/", start_new_session=True, process_group=0, on_disconnect="keep", grace=1.5,
             want_pidfd=False, user=1, group=2, extra_groups=(3, 4), umask=0o22,
             capabilities=("CAP_KILL",), rlimits={"NOFILE": (1, 2)}, no_new_privs=True),
-    P.Signal(id=2, pid=3, signal=9),
+    P.Signal(id=2, child=3, signal=9),
     P.Ping(id=3),
 ]
 EVENTS_SERVER = [
@@ -274,9 +274,9 @@ def test_bad_spawn_fields_are_refused_naming_the_field(fields: dict[str, Any], n
 
 
 @pytest.mark.parametrize("msg,name", [
-    ({"t": "signal", "id": 1, "pid": "1", "signal": 9}, "pid"),
-    ({"t": "signal", "id": 1, "pid": 1, "signal": True}, "signal"),
-    ({"t": "signal", "id": 1, "pid": 1}, None),
+    ({"t": "signal", "id": 1, "child": "1", "signal": 9}, "child"),
+    ({"t": "signal", "id": 1, "child": 1, "signal": True}, "signal"),
+    ({"t": "signal", "id": 1, "child": 1}, None),
     ({"t": "ping"}, "id"),
     ({"t": "ping", "id": None}, "id"),
     ({"t": "ping", "id": 2**63}, "id"),
@@ -355,7 +355,7 @@ def test_too_many_declared_fds_refused_with_all_received() -> None:
 
 
 @pytest.mark.parametrize("msg", [{"t": "ping", "id": 1},
-                                 {"t": "signal", "id": 1, "pid": 1, "signal": 0},
+                                 {"t": "signal", "id": 1, "child": 1, "signal": 0},
                                  {"t": "bogus", "id": 1}])
 def test_fds_on_a_message_that_carries_none(msg: dict[str, Any]) -> None:
     c = server(frame(msg), fds=(7, 8))
@@ -483,7 +483,7 @@ def valid_client_frames() -> st.SearchStrategy[tuple[bytes, int]]:
     simple = st.one_of(
         st.builds(lambda rid: (P.Connection("client").send(P.Ping(id=rid)), 0), ids),
         st.builds(lambda rid, pid, sig: (P.Connection("client").send(
-            P.Signal(id=rid, pid=pid, signal=sig)), 0), ids, st.integers(0, 2**31),
+            P.Signal(id=rid, child=pid, signal=sig)), 0), ids, st.integers(0, 2**31),
             st.integers(0, 64)))
     return sp | simple
 

@@ -21,6 +21,8 @@ import resource
 import threading
 from dataclasses import dataclass
 
+from ._transport import off_stdio
+
 __all__ = ["CallerState", "caller_state", "RLIMIT_NAMES"]
 
 #: Wire names (as in ``rlimits=``) of the limits a child inherits; numbers are Linux's.
@@ -87,7 +89,8 @@ class _StatusFile:
                             os.close(self.fd)
                         except OSError:
                             pass
-                    self.fd = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
+                    self.fd = off_stdio(os.open(f"/proc/{pid}/status",
+                                                os.O_RDONLY | os.O_CLOEXEC))
                     self.pid = pid
         data = os.pread(self.fd, 4096, 0)
         i = data.find(b"\nUmask:")
@@ -127,5 +130,5 @@ def caller_state(*, cwd: bool = True) -> CallerState:
         umask = _status.umask()
     except OSError:
         umask = None
-    fd = os.open(".", _O_DIR) if cwd else None
+    fd = off_stdio(os.open(".", _O_DIR)) if cwd else None  # see off_stdio
     return CallerState(cwd_fd=fd, umask=umask, limits=limits, nice=nice, affinity=affinity)

@@ -91,6 +91,7 @@ class Child:
         self.returncode: int | None = None
         self.lost: BaseException | None = None
         self._done = False
+        self.request_id: int = -1  # the Spawn's request id, set by Client.spawn
 
     def _on_exit(self, ev: P.Exit | BaseException) -> None:
         """Runs in whichever thread routes the event, with the transport's lock held."""
@@ -117,7 +118,7 @@ class Child:
         if self._done:
             return
         try:
-            self.transport.request(P.Signal(id=self.transport.next_id(), pid=self.pid,
+            self.transport.request(P.Signal(id=self.transport.next_id(), child=self.request_id,
                                             signal=int(sig)))
         except ProcessLookupError:
             pass  # it exited meanwhile, like subprocess
@@ -221,6 +222,7 @@ class Client:
             def adopt(ev: P.Spawned) -> Child:
                 pidfd = ev.fds_received[0] if ev.pidfd and ev.fds_received else None
                 child = Child(self, t, ev.pid, pidfd, args if args is not None else argv)
+                child.request_id = rid  # Signal names the child by it (protocol: never a pid)
                 t.exit_handlers[rid] = child._on_exit
                 return child
 
