@@ -468,3 +468,79 @@ def test_root_client_may_run_as_another_user_by_default(
                           b=accounts.b.uid)["r"]
     assert (refused["errno"], refused["stage"], refused["field"]) == (
         errno.EPERM, "policy", "user"), refused
+
+
+# ---------------------------------------------------------------------------- pure parts
+
+def test_protocol_namespaces_field() -> None:
+    from spawnd import protocol as P
+
+    ok = P._parse_spawn({"t": "spawn", "id": 1, "argv": ["x"], "namespaces": ["net", "user"]},
+                        1, ())
+    assert ok.namespaces == ("net", "user")
+    assert P._parse_spawn({"t": "spawn", "id": 1, "argv": ["x"]}, 1, ()).namespaces == ()
+    for bad, fld in ((["pid"], "namespaces[0]"), (["net", "net"], "namespaces"),
+                     ("net", "namespaces")):
+        with pytest.raises(P.ProtocolError) as info:
+            P._parse_spawn({"t": "spawn", "id": 1, "argv": ["x"], "namespaces": bad}, 1, ())
+        assert info.value.field == fld, info.value
+
+
+def test_policy_namespace_grants_and_root_default() -> None:
+    from spawnd import protocol as P
+    from spawnd.policy import DaemonIdentity, Peer, Policy, PolicyFileError, Refused
+
+    root = DaemonIdentity(uid=0, gid=0, groups=(0,), permitted=frozenset(caps.NUMBERS))
+    p = Policy.from_text('[[allow]]\nuids = [1000]\nexecutables = ["/"]\n'
+                         'namespaces = ["net"]\n', identity=root, resolve_paths=False)
+    peer = Peer(uid=1000, gid=1000, pid=1)
+    g = p.decide(peer, P.Spawn(id=1, argv=(b"x",), namespaces=("net",)), b"/bin/x")
+    assert g.namespaces == ("net",) and privileged.needs_helper(
+        SpawnSpec(executable=b"/bin/x", argv=(), env=()), g)
+    with pytest.raises(Refused) as info:
+        p.decide(peer, P.Spawn(id=1, argv=(b"x",), namespaces=("net", "uts")), b"/bin/x")
+    assert (info.value.errno, info.value.field) == (errno.EPERM, "namespaces[1]")
+    with pytest.raises(PolicyFileError):
+        Policy.from_text('[[allow]]\nuids = [1]\nnamespaces = ["pid"]\n', identity=root)
+    d = Policy.default(0, identity=root)
+    g = d.decide(Peer(0, 0, 1), P.Spawn(id=1, argv=(b"id",), user=65534), b"/usr/bin/id")
+    assert g.uid == 65534 and g.capabilities == ()
+    with pytest.raises(Refused) as info:
+        d.decide(peer, P.Spawn(id=1, argv=(b"id",), user=65534), b"/usr/bin/id")
+    assert (info.value.errno, info.value.field) == (errno.EPERM, "user")
+    with pytest.raises(Refused):
+        d.decide(peer, P.Spawn(id=1, argv=(b"id",), namespaces=("net",)), b"/usr/bin/id")
+    own = Policy.default(1000, identity=DaemonIdentity(uid=1000, gid=1000))
+    assert own.decide(peer, P.Spawn(id=1, argv=(b"x",), namespaces=("user", "net")),
+                      b"/bin/x").namespaces == ("user", "net")
+
+
+# ---------------------------------------------------------------------------- inherited
+
+async def test_inherited_state_applied_by_the_helper(helper: str, accounts: Accounts,
+                                                     shared: Path) -> None:
+    """cwd_fd (+ a relative cwd), rlimits, nice, affinity and umask reach the child, with
+    the cwd entered as the target user."""
+    a = accounts.a
+    sub = shared / f"cwd-{os.getpid()}" / "sub"
+    sub.mkdir(parents=True)
+    dfd = os.open(sub.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    cpu = min(os.sched_getaffinity(0))
+    grant = Grant(executable=SH, argv=(), env=(), uid=a.uid, gid=a.gid, groups=(a.gid,),
+                  umask=0o027)
+    try:
+        rc, out = await sh("pwd; ulimit -n; ulimit -Hn; grep -E '^(Umask|Cpus_allowed_list)'"
+                           " /proc/self/status; cut -d' ' -f19 /proc/self/stat", grant,
+                           cwd_fd=dfd, cwd=b"sub",
+                           rlimits=((resource.RLIMIT_NOFILE, 100, 200),), nice=7,
+                           affinity=(cpu,))
+    finally:
+        os.close(dfd)
+        shutil.rmtree(sub.parent)
+    assert rc == 0, out
+    lines = out.split("\n")
+    assert lines[0] == str(sub)
+    assert lines[1:3] == ["100", "200"]
+    assert lines[3].split() == ["Umask:", "0027"]
+    assert lines[4].split()[-1] == str(cpu)
+    assert lines[5] == "7"
