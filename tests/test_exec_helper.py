@@ -544,3 +544,12 @@ async def test_inherited_state_applied_by_the_helper(helper: str, accounts: Acco
     assert lines[3].split() == ["Umask:", "0027"]
     assert lines[4].split()[-1] == str(cpu)
     assert lines[5] == "7"
+
+
+def test_plain_spawn_refuses_what_only_the_helper_can_do() -> None:
+    for kw in ({"namespaces": ("net",)}, {"ctty": 0},
+               {"nice": os.getpriority(os.PRIO_PROCESS, 0) + 1}):
+        with pytest.raises(SpawnError) as info:
+            spawner.spawn(SpawnSpec(executable=SH, argv=(b"sh",), env=(), **kw))
+        assert info.value.errno == errno.EINVAL
+    assert no_children_left()
