@@ -553,3 +553,22 @@ def test_plain_spawn_refuses_what_only_the_helper_can_do() -> None:
             spawner.spawn(SpawnSpec(executable=SH, argv=(b"sh",), env=(), **kw))
         assert info.value.errno == errno.EINVAL
     assert no_children_left()
+
+
+@pytest.mark.parametrize("spec", [b"Zbogus\0", b"Abin\0", b"Ax\0PSname\0Cname\0",
+                                  b"Ax\0n1x\0Pname\0", b"no terminator"])
+def test_malformed_spec_is_stage_spec(helper: str, spec: bytes) -> None:
+    """Both helpers refuse a spec they do not understand the same way: "spec <EINVAL>"."""
+    h = privileged.helper()
+    spec_r, spec_w = os.pipe2(os.O_CLOEXEC)
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    os.write(spec_w, spec)
+    os.close(spec_w)
+    pid = spawner.spawn(SpawnSpec(
+        executable=h.executable, argv=(*h.argv_prefix, b"3", b"4", b"%d" % len(spec)),
+        env=(), fd_map=((spec_r, 3), (status_w, 4))))
+    os.close(spec_r)
+    os.close(status_w)
+    with os.fdopen(status_r, "rb") as f:
+        assert f.read() == b"spec %d" % errno.EINVAL
+    assert reap(pid) == 127
