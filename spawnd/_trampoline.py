@@ -134,7 +134,10 @@ def _set_rlimits(limits: list) -> None:
     if limits:
         import resource
 
+        inf = 2**64 - 1  # RLIM_INFINITY on the wire (C's rlim_t)
         for res, soft, hard in limits:
+            soft = resource.RLIM_INFINITY if soft == inf else soft
+            hard = resource.RLIM_INFINITY if hard == inf else hard
             try:
                 resource.prlimit(0, res, (soft, hard))
             except ValueError:  # only EINVAL (soft > hard) is a ValueError for prlimit

@@ -572,3 +572,9 @@ def test_malformed_spec_is_stage_spec(helper: str, spec: bytes) -> None:
     with os.fdopen(status_r, "rb") as f:
         assert f.read() == b"spec %d" % errno.EINVAL
     assert reap(pid) == 127
+
+
+async def test_unlimited_rlimits_pass_through(helper: str) -> None:
+    inf = resource.RLIM_INFINITY
+    rc, out = await sh("ulimit -c; ulimit -Hc", rlimits=((resource.RLIMIT_CORE, inf, inf),))
+    assert (rc, out) == (0, "unlimited\nunlimited\n")
