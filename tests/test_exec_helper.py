@@ -455,7 +455,7 @@ def test_root_client_may_run_as_another_user_by_default(
     nobody = 65534
     root = sc.Client(d.path, autostart=False)
     d.clients.append(root)
-    r = sc.run(["/usr/bin/id", "-u"], user=nobody, capture_output=True, client=root,
+    r = sc.run(["/usr/bin/id", "-u"], user="nobody", capture_output=True, client=root,
                env={})
     assert r.returncode == 0
     assert r.stdout.split()[0] == b"%d" % nobody
@@ -578,3 +578,22 @@ async def test_unlimited_rlimits_pass_through(helper: str) -> None:
     inf = resource.RLIM_INFINITY
     rc, out = await sh("ulimit -c; ulimit -Hc", rlimits=((resource.RLIMIT_CORE, inf, inf),))
     assert (rc, out) == (0, "unlimited\nunlimited\n")
+
+
+def test_untrusted_c_helper_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spawnd import exec_helper
+
+    if not build.ensure_built():
+        pytest.skip("no C compiler")
+    copy = tmp_path / "spawnd-exec"
+    shutil.copy2(exec_helper.BINARY, copy)
+    tmp_path.chmod(0o755)
+    monkeypatch.setenv("SPAWND_EXEC_HELPER", str(copy))
+    assert exec_helper.choose("auto").kind == "c"
+    copy.chmod(0o777)  # writable by others: a root daemon must not exec it
+    assert exec_helper.choose("auto").kind == "python"
+    with pytest.raises(FileNotFoundError):
+        exec_helper.choose("c")
+    copy.chmod(0o755)
+    tmp_path.chmod(0o777)
+    assert exec_helper.choose("auto").kind == "python"
