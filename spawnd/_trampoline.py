@@ -123,7 +123,8 @@ def _parse(tokens: list) -> dict:
             s[k] = True
         else:
             raise ValueError(k)
-    if not s["A"] or (s["x"] is None and s["P"] is None):
+    # Something to run; and a re-open as the target user needs the checked file to match.
+    if not s["A"] or (s["x"] is None and s["P"] is None) or (s["C"] and s["x"] is None):
         raise ValueError("spec")
     return s
 
@@ -133,7 +134,10 @@ def _set_rlimits(limits: list) -> None:
     if limits:
         import resource
 
+        inf = 2**64 - 1  # RLIM_INFINITY on the wire (C's rlim_t)
         for res, soft, hard in limits:
+            soft = resource.RLIM_INFINITY if soft == inf else soft
+            hard = resource.RLIM_INFINITY if hard == inf else hard
             try:
                 resource.prlimit(0, res, (soft, hard))
             except ValueError:  # only EINVAL (soft > hard) is a ValueError for prlimit
@@ -271,7 +275,7 @@ def _exec(s: dict) -> None:
         except FileNotFoundError:  # the daemon opened it a moment ago: not the file checked
             raise OSError(13, "Permission denied") from None
         got = os.fstat(fd)
-        if s["want"] is not None and s["want"] != (got.st_dev, got.st_ino):
+        if s["want"] != (got.st_dev, got.st_ino):
             raise OSError(13, "Permission denied")
         run = fd
     env = dict(e.partition(b"=")[::2] for e in s["E"])

@@ -212,8 +212,13 @@ def _run_pty(client: object, cmd: list[str]) -> int:
 def _ping(args: argparse.Namespace) -> int:
     import spawnd_client
 
+    from . import protocol as P
+
     client = spawnd_client.Client(args.socket, autostart=False)
-    info = client.ping()
+    t = client.transport()
+    pong = t.request(P.Ping(id=t.next_id()))  # the whole Pong: exec_helper too
+    info = {"pid": pong.pid, "children": pong.children, "connections": pong.connections,
+            "exec_helper": pong.exec_helper}
     print(f"spawnd pid {info['pid']}: {info['children']} children, "
           f"{info['connections']} connections, exec helper {info.get('exec_helper') or '?'}")
     client.close()

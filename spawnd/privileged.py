@@ -176,8 +176,13 @@ async def spawn_privileged(spec: SpawnSpec, grant: Grant) -> int:
         pgroup=None if spec.ctty is not None else spec.pgroup)
     written = 0
     try:
-        if len(plan) <= PIPE_BUF_SAFE:  # fits the pipe: no second wake-up to feed it
-            written = os.write(spec_w, plan)
+        # Usually the whole spec fits the pipe: no second wake-up to feed it. Non-blocking,
+        # because a pipe can be one page (pipe-user-pages-soft) and nobody reads it yet.
+        os.set_blocking(spec_w, False)
+        try:
+            written = os.write(spec_w, plan[:PIPE_BUF_SAFE])
+        except BlockingIOError:
+            written = 0
         pid = spawner.spawn(hspec)
     except BaseException as e:
         _close(spec_w, status_r)

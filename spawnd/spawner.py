@@ -168,6 +168,11 @@ def spawn(spec: SpawnSpec) -> int:
 
     No child exists after a SpawnError: glibc reaps a child whose exec failed.
     """
+    if spec.namespaces or spec.ctty is not None or (
+            spec.nice is not None and spec.nice != os.getpriority(os.PRIO_PROCESS, 0)):
+        # Only the exec helper can do these (privileged.needs_helper routes them there):
+        # never drop them silently.
+        raise SpawnError(errno.EINVAL, STAGE_EXEC, spec.executable)
     targets = _check_fd_map(spec.fd_map)
     top = max(2, max(targets, default=2))
     flags = _SETSIGDEF | _SETSIGMASK

@@ -183,7 +183,9 @@ def ns_run(name):
     return {'rc': child.wait(), 'out': out}
 result['net'] = attempt(ns_run, 'net')
 result['uts'] = attempt(ns_run, 'uts')
-result['ping'] = c.ping()
+from spawnd import protocol as proto
+t = c.transport()
+result['helper'] = t.request(proto.Ping(id=t.next_id())).exec_helper
 """
 
 
@@ -196,7 +198,7 @@ def test_namespace_grants_of_a_root_daemon(accounts: Accounts, clients: ClientLi
     assert r["net"]["ok"]["out"].strip() != os.readlink("/proc/self/ns/net")
     assert (r["uts"]["errno"], r["uts"]["stage"], r["uts"]["field"]) == (
         errno.EPERM, "policy", "namespaces[0]"), r["uts"]
-    assert r["ping"]["exec_helper"].startswith(helper + " ("), r["ping"]
+    assert r["helper"].startswith(helper + " ("), r["helper"]
     assert f"exec helper: {helper}" in d.log.read_text()
 
 
@@ -455,7 +457,7 @@ def test_root_client_may_run_as_another_user_by_default(
     nobody = 65534
     root = sc.Client(d.path, autostart=False)
     d.clients.append(root)
-    r = sc.run(["/usr/bin/id", "-u"], user=nobody, capture_output=True, client=root,
+    r = sc.run(["/usr/bin/id", "-u"], user="nobody", capture_output=True, client=root,
                env={})
     assert r.returncode == 0
     assert r.stdout.split()[0] == b"%d" % nobody
@@ -468,3 +470,132 @@ def test_root_client_may_run_as_another_user_by_default(
                           b=accounts.b.uid)["r"]
     assert (refused["errno"], refused["stage"], refused["field"]) == (
         errno.EPERM, "policy", "user"), refused
+
+
+# ---------------------------------------------------------------------------- pure parts
+
+def test_protocol_namespaces_field() -> None:
+    from spawnd import protocol as P
+
+    ok = P._parse_spawn({"t": "spawn", "id": 1, "argv": ["x"], "namespaces": ["net", "user"]},
+                        1, ())
+    assert ok.namespaces == ("net", "user")
+    assert P._parse_spawn({"t": "spawn", "id": 1, "argv": ["x"]}, 1, ()).namespaces == ()
+    for bad, fld in ((["pid"], "namespaces[0]"), (["net", "net"], "namespaces"),
+                     ("net", "namespaces")):
+        with pytest.raises(P.ProtocolError) as info:
+            P._parse_spawn({"t": "spawn", "id": 1, "argv": ["x"], "namespaces": bad}, 1, ())
+        assert info.value.field == fld, info.value
+
+
+def test_policy_namespace_grants_and_root_default() -> None:
+    from spawnd import protocol as P
+    from spawnd.policy import DaemonIdentity, Peer, Policy, PolicyFileError, Refused
+
+    root = DaemonIdentity(uid=0, gid=0, groups=(0,), permitted=frozenset(caps.NUMBERS))
+    p = Policy.from_text('[[allow]]\nuids = [1000]\nexecutables = ["/"]\n'
+                         'namespaces = ["net"]\n', identity=root, resolve_paths=False)
+    peer = Peer(uid=1000, gid=1000, pid=1)
+    g = p.decide(peer, P.Spawn(id=1, argv=(b"x",), namespaces=("net",)), b"/bin/x")
+    assert g.namespaces == ("net",) and privileged.needs_helper(
+        SpawnSpec(executable=b"/bin/x", argv=(), env=()), g)
+    with pytest.raises(Refused) as info:
+        p.decide(peer, P.Spawn(id=1, argv=(b"x",), namespaces=("net", "uts")), b"/bin/x")
+    assert (info.value.errno, info.value.field) == (errno.EPERM, "namespaces[1]")
+    with pytest.raises(PolicyFileError):
+        Policy.from_text('[[allow]]\nuids = [1]\nnamespaces = ["pid"]\n', identity=root)
+    d = Policy.default(0, identity=root)
+    g = d.decide(Peer(0, 0, 1), P.Spawn(id=1, argv=(b"id",), user=65534), b"/usr/bin/id")
+    assert g.uid == 65534 and g.capabilities == ()
+    with pytest.raises(Refused) as info:
+        d.decide(peer, P.Spawn(id=1, argv=(b"id",), user=65534), b"/usr/bin/id")
+    assert (info.value.errno, info.value.field) == (errno.EPERM, "user")
+    with pytest.raises(Refused):
+        d.decide(peer, P.Spawn(id=1, argv=(b"id",), namespaces=("net",)), b"/usr/bin/id")
+    own = Policy.default(1000, identity=DaemonIdentity(uid=1000, gid=1000))
+    assert own.decide(peer, P.Spawn(id=1, argv=(b"x",), namespaces=("user", "net")),
+                      b"/bin/x").namespaces == ("user", "net")
+
+
+# ---------------------------------------------------------------------------- inherited
+
+async def test_inherited_state_applied_by_the_helper(helper: str, accounts: Accounts,
+                                                     shared: Path) -> None:
+    """cwd_fd (+ a relative cwd), rlimits, nice, affinity and umask reach the child, with
+    the cwd entered as the target user."""
+    a = accounts.a
+    sub = shared / f"cwd-{os.getpid()}" / "sub"
+    sub.mkdir(parents=True)
+    dfd = os.open(sub.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    cpu = min(os.sched_getaffinity(0))
+    grant = Grant(executable=SH, argv=(), env=(), uid=a.uid, gid=a.gid, groups=(a.gid,),
+                  umask=0o027)
+    try:
+        rc, out = await sh("pwd; ulimit -n; ulimit -Hn; grep -E '^(Umask|Cpus_allowed_list)'"
+                           " /proc/self/status; cut -d' ' -f19 /proc/self/stat", grant,
+                           cwd_fd=dfd, cwd=b"sub",
+                           rlimits=((resource.RLIMIT_NOFILE, 100, 200),), nice=7,
+                           affinity=(cpu,))
+    finally:
+        os.close(dfd)
+        shutil.rmtree(sub.parent)
+    assert rc == 0, out
+    lines = out.split("\n")
+    assert lines[0] == str(sub)
+    assert lines[1:3] == ["100", "200"]
+    assert lines[3].split() == ["Umask:", "0027"]
+    assert lines[4].split()[-1] == str(cpu)
+    assert lines[5] == "7"
+
+
+def test_plain_spawn_refuses_what_only_the_helper_can_do() -> None:
+    for kw in ({"namespaces": ("net",)}, {"ctty": 0},
+               {"nice": os.getpriority(os.PRIO_PROCESS, 0) + 1}):
+        with pytest.raises(SpawnError) as info:
+            spawner.spawn(SpawnSpec(executable=SH, argv=(b"sh",), env=(), **kw))
+        assert info.value.errno == errno.EINVAL
+    assert no_children_left()
+
+
+@pytest.mark.parametrize("spec", [b"Zbogus\0", b"Abin\0", b"Ax\0PSname\0Cname\0",
+                                  b"Ax\0n1x\0Pname\0", b"no terminator"])
+def test_malformed_spec_is_stage_spec(helper: str, spec: bytes) -> None:
+    """Both helpers refuse a spec they do not understand the same way: "spec <EINVAL>"."""
+    h = privileged.helper()
+    spec_r, spec_w = os.pipe2(os.O_CLOEXEC)
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    os.write(spec_w, spec)
+    os.close(spec_w)
+    pid = spawner.spawn(SpawnSpec(
+        executable=h.executable, argv=(*h.argv_prefix, b"3", b"4", b"%d" % len(spec)),
+        env=(), fd_map=((spec_r, 3), (status_w, 4))))
+    os.close(spec_r)
+    os.close(status_w)
+    with os.fdopen(status_r, "rb") as f:
+        assert f.read() == b"spec %d" % errno.EINVAL
+    assert reap(pid) == 127
+
+
+async def test_unlimited_rlimits_pass_through(helper: str) -> None:
+    inf = resource.RLIM_INFINITY
+    rc, out = await sh("ulimit -c; ulimit -Hc", rlimits=((resource.RLIMIT_CORE, inf, inf),))
+    assert (rc, out) == (0, "unlimited\nunlimited\n")
+
+
+def test_untrusted_c_helper_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spawnd import exec_helper
+
+    if not build.ensure_built():
+        pytest.skip("no C compiler")
+    copy = tmp_path / "spawnd-exec"
+    shutil.copy2(exec_helper.BINARY, copy)
+    tmp_path.chmod(0o755)
+    monkeypatch.setenv("SPAWND_EXEC_HELPER", str(copy))
+    assert exec_helper.choose("auto").kind == "c"
+    copy.chmod(0o777)  # writable by others: a root daemon must not exec it
+    assert exec_helper.choose("auto").kind == "python"
+    with pytest.raises(FileNotFoundError):
+        exec_helper.choose("c")
+    copy.chmod(0o755)
+    tmp_path.chmod(0o777)
+    assert exec_helper.choose("auto").kind == "python"

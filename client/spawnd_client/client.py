@@ -233,8 +233,7 @@ class Client:
     def ping(self) -> dict[str, int]:
         t = self.transport()
         pong = t.request(P.Ping(id=t.next_id()))
-        return {"pid": pong.pid, "children": pong.children, "connections": pong.connections,
-                "exec_helper": pong.exec_helper}
+        return {"pid": pong.pid, "children": pong.children, "connections": pong.connections}
 
     def close(self) -> None:
         with self._lock:

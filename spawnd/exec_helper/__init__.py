@@ -44,14 +44,17 @@ class Helper:
 
 
 def _trusted(path: Path) -> bool:
-    """A root daemon runs the helper as root: it must not be writable by anyone else."""
+    """A root daemon runs the helper as root: neither it nor its directory may be writable
+    by anyone but root or the daemon's uid (else the Python fallback is used)."""
     try:
         st = path.stat()
+        dst = path.parent.stat()
     except OSError:
         return False
+    owners = (0, os.geteuid())
     return (stat.S_ISREG(st.st_mode) and bool(st.st_mode & stat.S_IXUSR)
-            and st.st_uid in (0, os.geteuid())
-            and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+            and st.st_uid in owners and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            and dst.st_uid in owners and not dst.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
 
 
 def find_c_helper() -> Path | None:

@@ -232,7 +232,8 @@ int main(int argc, char **argv)
         if (bad)
             fail("spec", EINVAL);
     }
-    if (nargs == 0 || (exec_fd < 0 && !exec_path))
+    /* Something to run; and a re-open as the target user needs the checked file to match. */
+    if (nargs == 0 || (exec_fd < 0 && !exec_path) || (check_path && exec_fd < 0))
         fail("spec", EINVAL);
     /* Our own fds must not reach the child. The checked file's identity is taken now. */
     struct stat want;
