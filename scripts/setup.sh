@@ -91,7 +91,12 @@ stamp="$venv/.spawnd-installed"
 key=$( { echo "extras=$extras"; cat pyproject.toml setup.py setup.cfg 2>/dev/null;
          git ls-files -z -- '*.c' '*.h' 2>/dev/null | xargs -0r cat; } | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$key" ]; then
-  "${pip[@]}" install -q -e ".${extras:+[$extras]}" >&2
+  log=$(mktemp)
+  if ! "${pip[@]}" install -q -e ".${extras:+[$extras]}" >"$log" 2>&1; then
+    cat "$log" >&2; rm -f "$log"
+    echo "setup.sh: pip install into $venv failed (output above)" >&2; exit 1
+  fi
+  rm -f "$log"
   echo "$key" > "$stamp"
 fi
 echo "$vpy"
