@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Install spawnd, start a daemon on a private socket, and spawn through it.
+# Install spawnd into the project's venv (.venv), start a daemon on a private socket, and
+# spawn through it. Needs only a python3 >= 3.11 (no root, no system tools).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup.sh test >/dev/null
+py=$(./scripts/setup.sh | tail -n1)
+bin=$(dirname "$py")
 dir=$(mktemp -d)
 export SPAWND_SOCKET="$dir/spawnd.sock" SPAWND_AUTOSTART=0
-python3 -m spawnd serve --socket "$SPAWND_SOCKET" --log-level info &
+"$bin/spawnd" serve --socket "$SPAWND_SOCKET" --log-level info &
 daemon=$!
 trap 'kill -TERM $daemon; wait $daemon; rm -rf "$dir"' EXIT
-for _ in $(seq 100); do python3 -m spawnd ping >/dev/null 2>&1 && break; sleep 0.05; done
-python3 -m spawnd ping
+for _ in $(seq 200); do "$bin/spawnd" ping >/dev/null 2>&1 && break; sleep 0.05; done
+"$bin/spawnd" ping
 echo "--- spawnd run -- sh -c 'echo hello from pid \$\$; exit 3'"
-python3 -m spawnd run -- sh -c 'echo hello from pid $$; exit 3' || echo "exit status: $?"
+"$bin/spawnd" run -- sh -c 'echo hello from pid $$; exit 3' || echo "exit status: $?"
 echo "--- python: spawnd_client.run from a 16-thread program"
-python3 examples/threads_demo.py
+"$py" examples/threads_demo.py

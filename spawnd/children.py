@@ -30,7 +30,7 @@ import select
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import trio
@@ -107,6 +107,9 @@ class ChildTable:
 
     def __len__(self) -> int:
         return len(self._by_pid)
+
+    def __iter__(self) -> Iterator[Child]:
+        return iter(list(self._by_pid.values()))
 
     def count_for(self, uid: int) -> int:
         return self._per_uid.get(uid, 0)

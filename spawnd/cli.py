@@ -1,4 +1,4 @@
-"""``spawnd serve | run | ping | check-config``: the command line."""
+"""spawnd serve | run | ping | status | check-config: the command line."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+from typing import NoReturn
 
 from .paths import default_socket_path
 
@@ -22,7 +23,95 @@ def _group_id(name: str) -> int:
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:
-        raise SystemExit(f"spawnd: no such group: {name!r}") from None
+        raise argparse.ArgumentTypeError(f"no such group: {name!r}") from None
+
+
+# -- argparse type= validators: a bad option is a one-line usage error (exit 2), never a
+# traceback or a value the daemon would choke on later.
+LOG_LEVELS = ("debug", "info", "warning", "error")
+SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with the NUL
+
+
+def _log_level(text: str) -> str:
+    level = text.lower()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return n
+
+
+def _fd(text: str) -> int:
+    return _count(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return v
+
+
+def _grace(text: str) -> float:
+    if text.strip() in ("0", "0.0"):
+        return 0.0
+    return _seconds(text)
+
+
+def _socket_path(text: str) -> str:
+    if not text or text.startswith("@") or "\0" in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: a socket must be a filesystem path")
+    if len(os.fsencode(text)) > SUN_PATH_MAX:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: longer than a Unix socket path may be ({SUN_PATH_MAX} bytes)")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is ONE line (the full usage is in --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class CliError(Exception):
+    """An ordinary mistake or condition, reported as one line (``spawnd CMD: message``)."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def socket_dir_for(path: str, explicit: bool) -> None:
+    """Make sure the socket's directory exists; create only the daemon's own last level.
+
+    An explicit ``--socket`` must name an existing directory (a typo must not create a
+    directory tree as root). The default path's last level (``spawnd/``) is created under
+    a runtime directory that exists.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(parent):
+        return
+    if explicit or not os.path.isdir(os.path.dirname(parent)):
+        base = parent if explicit else os.path.dirname(parent)
+        why = ""
+        if not explicit and os.geteuid() != 0 and not os.environ.get("XDG_RUNTIME_DIR"):
+            why = " (XDG_RUNTIME_DIR is not set; set it or pass --socket PATH)"
+        elif not explicit:
+            why = " (pass --socket PATH)"
+        raise CliError(f"cannot listen on {path}: directory {base} does not exist{why}")
+    os.mkdir(parent, 0o755 if os.geteuid() == 0 else 0o700)
 
 
 def open_listener(path: str, group: int | None) -> socket.socket:
@@ -33,8 +122,6 @@ def open_listener(path: str, group: int | None) -> socket.socket:
     """
     from .activation import secure_socket_path
 
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755 if os.geteuid() == 0 else 0o700,
-                exist_ok=True)
     if os.path.exists(path):
         _check_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -95,7 +182,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level)
     child_nofile = raise_nofile_limit()  # every client's fds and pidfds are held here
-    group = _group_id(args.group) if args.group else None
+    group = args.group  # a gid already (argparse type=_group_id)
     try:
         policy = Policy.load(args.config) if args.config else Policy.default(os.getuid())
     except PolicyFileError as e:
@@ -113,7 +200,11 @@ def _serve(args: argparse.Namespace) -> int:
         log.info("socket-activated: %s", ", ".join(f"{n}={s.getsockname()}" for n, s in activated))
     else:
         own_path = args.socket or default_socket_path()
-        listeners = [open_listener(own_path, group)]
+        socket_dir_for(own_path, explicit=bool(args.socket))
+        try:
+            listeners = [open_listener(own_path, group)]
+        except OSError as e:  # bind/chmod errors carry no path: name the socket
+            raise CliError(f"cannot listen on {own_path}: {e.strerror or e}") from None
         log.info("listening on %s", own_path)
     from . import privileged  # the exec helper: C when built, else the Python twin
     try:
@@ -154,14 +245,17 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from .policy import Policy, PolicyFileError
+    from .policy import Policy, PolicyFileError, admission_warnings
 
     try:
-        Policy.load(args.file)
+        policy = Policy.load(args.file)
     except PolicyFileError as e:
         print(f"spawnd: {e}", file=sys.stderr)
         return 1
-    print(f"{args.file}: OK")
+    warnings = admission_warnings(policy, daemon_uid=args.daemon_uid)
+    for warning in warnings:
+        print(f"spawnd: {args.file}: warning: {warning}", file=sys.stderr)
+    print(f"{args.file}: OK" + (f" ({len(warnings)} warnings)" if warnings else ""))
     return 0
 
 
@@ -180,6 +274,8 @@ def _run(args: argparse.Namespace) -> int:
         return _run_pty(client or spawnd_client.default_client(), cmd)
     try:
         proc = spawnd_client.Popen(cmd, client=client)
+    except spawnd_client.DaemonUnavailable:
+        raise  # main() reports it: the daemon is at fault, not the command
     except OSError as e:
         print(f"spawnd run: {cmd[0]}: {e.strerror}"
               + (f" (stage: {e.stage})" if getattr(e, "stage", None) else ""), file=sys.stderr)
@@ -225,54 +321,130 @@ def _ping(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    """Ask the daemon what it is doing (``--json``: the raw report)."""
+    import json
+
+    import spawnd_client
+
+    from . import protocol as P
+    from .status import format_report
+
+    client = spawnd_client.Client(args.socket, autostart=False)
+    try:
+        t = client.transport()
+        reply = t.request(P.Status(id=t.next_id()))
+    finally:
+        client.close()
+    report = json.loads(reply.report)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def _version() -> str:
+    from .status import version
+
+    return f"spawnd {version()}"
+
+
+def _report(cmd: str, e: BaseException) -> int:
+    """The one line for an error main() catches; returns the exit status."""
+    import spawnd_client
+
+    if isinstance(e, CliError):
+        print(f"spawnd {cmd}: {e}", file=sys.stderr)
+        return e.status
+    if isinstance(e, spawnd_client.DaemonUnavailable):
+        print(f"spawnd {cmd}: {e.strerror}", file=sys.stderr)
+        return 125 if cmd == "run" else 1  # run: like env/timeout, not the command's status
+    assert isinstance(e, OSError)
+    what = f"{e.filename}: " if e.filename is not None else ""
+    print(f"spawnd {cmd}: {what}{e.strerror or e}", file=sys.stderr)
+    return 125 if cmd == "run" else 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="spawnd", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CliError, OSError) as e:  # ordinary failures: one line, no traceback
+        return _report(args.cmd, e)
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every option has help text; tests check that none is missing."""
+    p = _Parser(
+        prog="spawnd", description="spawnd starts processes with posix_spawn on behalf of "
+        "its clients, so that they never fork.")
+    p.add_argument("--version", action="version", version=_version(),
+                   help="print the version and exit")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    socket_help = f"the daemon's socket (default: $SPAWND_SOCKET, else {default_socket_path()})"
 
     s = sub.add_parser("serve", help="run the daemon")
-    s.add_argument("--socket", help=f"socket path (default: {default_socket_path()})")
-    s.add_argument("--group", help="make the socket 0660 for this group")
-    s.add_argument("--config", help="policy file (TOML)")
-    s.add_argument("--log-level", default="info", help="debug, info, warning or error")
-    s.add_argument("--idle-exit", type=float, metavar="SECONDS",
+    s.add_argument("--socket", type=_socket_path, metavar="PATH",
+                   help=f"where to listen; its directory must exist (default: "
+                   f"{default_socket_path()})")
+    s.add_argument("--group", type=_group_id, metavar="GROUP",
+                   help="make the socket 0660 for this group (name or gid)")
+    s.add_argument("--config", metavar="FILE", help="policy file (TOML; see docs/policy.md)")
+    s.add_argument("--log-level", type=_log_level, default="info", metavar="LEVEL",
+                   help="debug, info, warning or error (default: info)")
+    s.add_argument("--idle-exit", type=_seconds, metavar="SECONDS",
                    help="exit after this long with no connections and no children")
     s.add_argument("--on-stop", choices=("terminate", "kill", "wait"), default="terminate",
                    help="what stopping the daemon does to live children (default: terminate: "
                    "SIGTERM, then SIGKILL after --stop-grace)")
-    s.add_argument("--stop-grace", type=float, default=5.0, metavar="SECONDS")
-    s.add_argument("--pool-max", type=int, default=8, metavar="N",
+    s.add_argument("--stop-grace", type=_grace, default=5.0, metavar="SECONDS",
+                   help="how long stopping children get between SIGTERM and SIGKILL "
+                   "(default 5)")
+    s.add_argument("--pool-max", type=_count, default=8, metavar="N",
                    help="most idle warm interpreters kept for multiprocessing, all "
                    "users together (default: 8; 0: start every warm request cold)")
-    s.add_argument("--handshake-timeout", type=float, default=5.0, metavar="SECONDS",
+    s.add_argument("--handshake-timeout", type=_seconds, default=5.0, metavar="SECONDS",
                    help="close a connection that has not said hello by then (default 5)")
-    s.add_argument("--frame-timeout", type=float, default=10.0, metavar="SECONDS",
+    s.add_argument("--frame-timeout", type=_seconds, default=10.0, metavar="SECONDS",
                    help="close a connection that leaves a message unfinished this long "
                    "(default 10)")
     s.add_argument("--exec-helper", choices=("auto", "c", "python"), default="auto",
                    help="the program between posix_spawn and exec for privileged children: "
                         "the C spawnd-exec (auto: when built) or the Python fallback")
-    s.add_argument("--lifeline", type=int, metavar="FD", help=argparse.SUPPRESS)
-    s.add_argument("--ready-fd", type=int, metavar="FD", help=argparse.SUPPRESS)
+    s.add_argument("--lifeline", type=_fd, metavar="FD", help=argparse.SUPPRESS)
+    s.add_argument("--ready-fd", type=_fd, metavar="FD", help=argparse.SUPPRESS)
     s.set_defaults(func=_serve)
 
     r = sub.add_parser("run", help="run one command through the daemon")
-    r.add_argument("--socket")
+    r.add_argument("--socket", type=_socket_path, metavar="PATH", help=socket_help)
     r.add_argument("--pty", action=argparse.BooleanOptionalAction, default=None,
                    help="run the command on a new pseudo-terminal, relayed to ours (default: "
                    "when stdin and stdout are terminals)")
-    r.add_argument("command", nargs=argparse.REMAINDER)
+    r.add_argument("command", nargs=argparse.REMAINDER,
+                   help="the command and its arguments (after --); spawnd run exits with its "
+                   "status (125: spawnd itself failed)")
     r.set_defaults(func=_run)
 
     c = sub.add_parser("check-config", help="validate a policy file")
-    c.add_argument("file")
+    c.add_argument("file", help="the policy file (TOML)")
+    c.add_argument("--daemon-uid", type=_count, default=os.geteuid(), metavar="UID",
+                   help="the uid the daemon will run as, for the warning when the policy "
+                   "does not admit it (default: yours)")
     c.set_defaults(func=_check_config)
 
-    g = sub.add_parser("ping", help="ask a running daemon how it is")
-    g.add_argument("--socket")
+    g = sub.add_parser("ping", help="ask a running daemon how it is (cheap liveness check)")
+    g.add_argument("--socket", type=_socket_path, metavar="PATH", help=socket_help)
     g.set_defaults(func=_ping)
 
-    args = p.parse_args(argv)
-    return args.func(args)
+    st = sub.add_parser("status", help="what the daemon is doing: clients, children, pools, "
+                        "counters (yours only unless you are root)")
+    st.add_argument("--socket", type=_socket_path, metavar="PATH", help=socket_help)
+    st.add_argument("--json", action="store_true", help="print the report as JSON")
+    st.set_defaults(func=_status)
+    return p
 
 
 if __name__ == "__main__":

@@ -878,3 +878,33 @@ class _Loader:
             if not p or "=" in p:
                 self.fail(f"{key}[{j}]", "must be a variable name or glob pattern (no '=')")
         return tuple(pats)
+
+
+# ---------------------------------------------------------------------------- admission check
+# ``spawnd check-config`` warns about a valid policy that would lock everyone out, or the
+# daemon's own uid (then even ``spawnd status`` as that user is refused).
+
+def admission_warnings(policy: Policy, daemon_uid: int,
+                       accounts: Iterable[tuple[int, int]] | None = None) -> list[str]:
+    """Warnings, as sentences, about who ``policy`` admits (empty: nothing to say).
+
+    ``accounts`` is every (uid, primary gid) to consider (default: the passwd database);
+    "admits nobody" means no rule selects any of them, nor ``everyone``.
+    """
+    out = []
+    d = policy.directory
+    gid = d.primary_gid(daemon_uid)
+    if not policy.may_connect(Peer(uid=daemon_uid, gid=gid if gid is not None else -1, pid=0)):
+        out.append(f"no rule admits uid {daemon_uid}, the uid the daemon runs as: its own "
+                   "clients (spawnd ping/status as that user) will be refused")
+    if not policy.rules:
+        out.append("the policy has no [[allow]] rule: the daemon will refuse every client")
+        return out
+    if any(r.everyone or r.uids for r in policy.rules):
+        return out
+    if accounts is None:
+        accounts = [(pw.pw_uid, pw.pw_gid) for pw in pwd.getpwall()]
+    if not any(policy.may_connect(Peer(uid=u, gid=g, pid=0)) for u, g in accounts):
+        out.append("no existing user is selected by any rule (their groups have no "
+                   "members): the daemon will refuse every client")
+    return out

@@ -510,6 +510,31 @@ _SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+# ---------------------------------------------------------------------------- status
+# ``spawnd status``: the daemon's state as the asking uid may see it (spawnd/status.py).
+
+@dataclass(frozen=True, slots=True)
+class Status(Event):
+    """Ask what the daemon is doing (the reply is :class:`StatusReply`)."""
+
+    T: ClassVar[str] = "status"
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReply(Event):
+    """``report`` is JSON text: its nesting would exceed a message's container limits."""
+
+    T: ClassVar[str] = "status_reply"
+    id: int
+    report: str = "{}"
+
+
+CLIENT_EVENTS[Status.T] = Status
+SERVER_EVENTS[StatusReply.T] = StatusReply
+_SIMPLE_TYPES["report"] = (str,)
+
+
 def _check_types(ev: Event, rid: int | None) -> None:
     for f in fields(ev):
         want = _SIMPLE_TYPES.get(f.name)

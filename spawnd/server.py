@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import logging
 import os
 import resource
@@ -33,6 +34,7 @@ from .activation import Notifier
 from .children import Child, ChildTable
 from .policy import Grant, Peer, Policy, Refused
 from .pool import DEFAULT_POOL_MAX, WarmPool  # multiprocessing warm pools
+from .status import Stats, build_report  # spawnd status
 
 log = logging.getLogger("spawnd")
 
@@ -146,6 +148,7 @@ class Server:
         self.starting: dict[int, int] = {}  # per uid: spawns between the limit check and add
         self.children: ChildTable
         self.pool: WarmPool  # created in run(), like the ChildTable
+        self.stats = Stats()  # spawnd status: counters, child start facts
         self._stopping = trio.Event()
         self._activity = trio.Event()
         # Accept at the fd limit: this fd is given up to accept one connection and tell it
@@ -473,6 +476,8 @@ class ConnectionHandler:
         The queue is bounded by the client's live children (one exit each) plus
         ``MAX_BACKLOG`` replies: beyond that the reader waits for the writer.
         """
+        if type(event) is P.Error and event.id is not None and self.peer is not None:
+            self.server.stats.note_error(self.peer.uid, event.errno)  # spawnd status
         data = self.proto.send(event)
         fds = fds or []
         if (self._raw is not None and not self._writing
@@ -636,6 +641,9 @@ class ConnectionHandler:
             await self._spawn(ev)
         elif isinstance(ev, P.Signal):
             self._signal(ev)
+        elif isinstance(ev, P.Status):  # spawnd status (spawnd/status.py)
+            report = build_report(self.server, self.server.stats, self.peer, self)
+            self.send(P.StatusReply(id=ev.id, report=json.dumps(report)))
         elif isinstance(ev, P.Ping):
             self.send(P.Pong(id=ev.id, pid=os.getpid(), children=len(self.server.children),
                              connections=len(self.server.connections),
@@ -692,6 +700,7 @@ class ConnectionHandler:
             self.send(P.error_for(e, req.id, P.STAGE_FDS))
             return
         self.kids[req.id] = child
+        server.stats.note_spawn(server.children, child, req.argv[0], req.warm is not None)
         log.debug("uid %d spawned %d: %r", self.peer.uid, pid, req.argv[0])
         fds = []
         if req.want_pidfd:

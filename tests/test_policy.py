@@ -31,7 +31,7 @@ class FakeDirectory:
     users = {"root": (0, 0), "alice": (1000, 1000), "bob": (1001, 1001),
              "www-data": (33, 33), "app": (900, 900)}
     groups = {"root": 0, "alice": 1000, "bob": 1001, "dev": 2000, "audio": 29,
-              "www-data": 33, "app": 900, "ssl-cert": 103}
+              "www-data": 33, "app": 900, "ssl-cert": 103, "users": 100}
     members = {1000: (2000, 29), 900: (2000,), 33: (103,)}
 
     def uid_of(self, name: str) -> int | None:
