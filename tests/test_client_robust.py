@@ -85,6 +85,50 @@ def test_07_daemon_route_from_a_handler_does_not_wait_for_itself(daemon: Daemon)
     assert r.stdout.split() == [str(-signal.SIGTERM), "0", "0"]
 
 
+def test_07_signal_goes_through_the_pidfd_not_the_daemon(daemon: Daemon,
+                                                         client: sc.Client) -> None:
+    """With the daemon stopped (SIGSTOP), kill() still returns at once and the child dies:
+    no round trip. The old code waited for the daemon's reply."""
+    ch = client.spawn(["sleep", "30"])
+    os.kill(daemon.pid, signal.SIGSTOP)
+    try:
+        t = threading.Thread(target=ch.kill)
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), "kill() waited for a stopped daemon"
+        assert wait_until(lambda: _state(ch.pid) in ("Z", None))
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+    assert ch.wait(10) == -signal.SIGKILL
+
+
+def _state(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2]
+
+
+def test_07_kernel_refusal_falls_back_to_the_daemon(client: sc.Client,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """EPERM from pidfd_send_signal (a child of another uid) asks the daemon instead."""
+    from spawnd_client import client as C
+
+    calls: list[int] = []
+
+    def refuse(fd: int, sig: int, *a: object) -> None:
+        calls.append(sig)
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    ch = client.spawn(["sleep", "30"])
+    monkeypatch.setattr(C._signal, "pidfd_send_signal", refuse)
+    ch.terminate()
+    assert calls == [signal.SIGTERM]
+    assert ch.wait(10) == -signal.SIGTERM
+    assert client.ping()["children"] == 0  # the daemon's reply was routed, nothing left over
+
+
 def test_07_signals_from_other_threads_while_32_threads_wait(client: sc.Client) -> None:
     children = [client.spawn(["sleep", "30"]) for _ in range(32)]
     codes: list[int | None] = [None] * 32
