@@ -129,6 +129,34 @@ def test_07_kernel_refusal_falls_back_to_the_daemon(client: sc.Client,
     assert client.ping()["children"] == 0  # the daemon's reply was routed, nothing left over
 
 
+STORM = """
+import signal, sys, spawnd_client as sc
+c = sc.Client(sys.argv[1], autostart=False)
+cur = None
+def handler(*a):
+    if cur is not None:
+        cur.terminate()
+signal.signal(signal.SIGALRM, handler)
+signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)  # lands in sends, reads and routing
+codes = set()
+for i in range(200):
+    env = {"PATH": "/bin:/usr/bin", "BIG": "y" * (i * 997 % 120000)}
+    cur = c.spawn(["sleep", "30"], want_pidfd=i % 2 == 0, env=env)
+    codes.add(cur.wait(30))
+signal.setitimer(signal.ITIMER_REAL, 0)
+print(sorted(codes), c.ping()["children"])
+"""
+
+
+def test_07_signal_storm_from_a_handler_keeps_the_connection_in_step(daemon: Daemon) -> None:
+    """A handler firing every millisecond signals the current child, half of them through
+    the daemon (no pidfd): requests from inside our own sends and reads must neither
+    deadlock nor interleave frames."""
+    r = run_script(STORM, daemon.path, timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [f"[{-signal.SIGTERM}]", "0"], (r.stdout, r.stderr)
+
+
 def test_07_signals_from_other_threads_while_32_threads_wait(client: sc.Client) -> None:
     children = [client.spawn(["sleep", "30"]) for _ in range(32)]
     codes: list[int | None] = [None] * 32
