@@ -136,6 +136,9 @@ class Transport:
         self._lock = threading.RLock()
         self._reader: int | None = None  # thread ident of the reader, while it reads
         self._followers: dict[threading.Condition, Callable[[], bool]] = {}
+        # One receive buffer, reused by whichever thread reads (there is one at a time):
+        # recvmsg(256 KiB) would allocate (mmap) and fault in a fresh one on every read.
+        self._buf = bytearray(RECV_SIZE)
         self._waiters: dict[int, _Waiter] = {}
         self.broken: BaseException | None = None
         self.daemon_pid: int | None = None
@@ -323,12 +326,14 @@ class Transport:
         self._lock.release()
         try:
             if timeout is None:  # block in recvmsg itself: one syscall, not select + recv
-                data, anc, _, _ = self.sock.recvmsg(RECV_SIZE, FD_SPACE, socket.MSG_CMSG_CLOEXEC)
+                n, anc, _, _ = self.sock.recvmsg_into([self._buf], FD_SPACE,
+                                                      socket.MSG_CMSG_CLOEXEC)
             else:
                 if not select.select([self.sock], [], [], timeout)[0]:
                     return
-                data, anc, _, _ = self.sock.recvmsg(
-                    RECV_SIZE, FD_SPACE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+                n, anc, _, _ = self.sock.recvmsg_into(
+                    [self._buf], FD_SPACE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+            data = bytes(memoryview(self._buf)[:n]) if n else b""
         except BlockingIOError:
             return
         except OSError as e:
