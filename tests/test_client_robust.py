@@ -130,12 +130,19 @@ def test_07_kernel_refusal_falls_back_to_the_daemon(client: sc.Client,
 
 
 STORM = """
-import signal, sys, spawnd_client as sc
+import signal, sys, threading, spawnd_client as sc
 c = sc.Client(sys.argv[1], autostart=False)
 cur = None
+stop = False
 def handler(*a):
     if cur is not None:
         cur.terminate()
+def background():  # keeps another thread reading, so the main thread is often a follower
+    while not stop:
+        assert c.spawn(["true"], env={"PATH": "/bin:/usr/bin"}).wait(30) == 0
+threads = [threading.Thread(target=background) for _ in range(int(sys.argv[2]))]
+for t in threads:
+    t.start()
 signal.signal(signal.SIGALRM, handler)
 signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)  # lands in sends, reads and routing
 codes = set()
@@ -144,15 +151,20 @@ for i in range(200):
     cur = c.spawn(["sleep", "30"], want_pidfd=i % 2 == 0, env=env)
     codes.add(cur.wait(30))
 signal.setitimer(signal.ITIMER_REAL, 0)
+stop = True
+for t in threads:
+    t.join(30)
 print(sorted(codes), c.ping()["children"])
 """
 
 
-def test_07_signal_storm_from_a_handler_keeps_the_connection_in_step(daemon: Daemon) -> None:
+@pytest.mark.parametrize("threads", [0, 4])
+def test_07_signal_storm_from_a_handler_keeps_the_connection_in_step(daemon: Daemon,
+                                                                     threads: int) -> None:
     """A handler firing every millisecond signals the current child, half of them through
-    the daemon (no pidfd): requests from inside our own sends and reads must neither
-    deadlock nor interleave frames."""
-    r = run_script(STORM, daemon.path, timeout=90)
+    the daemon (no pidfd): requests from inside our own sends, reads and follower waits
+    must neither deadlock nor interleave frames."""
+    r = run_script(STORM, daemon.path, str(threads), timeout=90)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [f"[{-signal.SIGTERM}]", "0"], (r.stdout, r.stderr)
 
