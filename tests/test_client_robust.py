@@ -242,6 +242,33 @@ def test_08_fork_after_use_gives_the_child_its_own_connection(daemon: Daemon,
     assert wait_until(lambda: not children_of(daemon.pid))
 
 
+FORK_AUTOSTART = """
+import os, spawnd_client as sc
+assert sc.call(["true"]) == 0
+path = sc.default_client().transport().path
+pid = os.fork()
+if pid == 0:
+    ok = sc.call(["sh", "-c", "exit 5"]) == 5 and sc.default_client().transport().path == path
+    sc.default_client().close()  # its own connection only: the parent's stays up
+    os._exit(0 if ok else 1)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status), sc.call(["sh", "-c", "exit 6"]))
+"""
+
+
+def test_08_fork_shares_the_private_daemon(tmp_path: Path) -> None:
+    """The forked child is not the private daemon's parent: it uses the same daemon (its
+    copy of the lifeline keeps it alive) over a connection of its own."""
+    env = {k: v for k, v in ENV.items() if k != "SPAWND_SOCKET"}
+    env.update(SPAWND_AUTOSTART="1", XDG_RUNTIME_DIR=str(tmp_path))
+    if os.geteuid() == 0 and os.path.exists("/run/spawnd/spawnd.sock"):
+        pytest.skip("a system daemon may listen at the default path")
+    r = subprocess.run([PY, "-c", FORK_AUTOSTART], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "6"], (r.stdout, r.stderr)
+
+
 # ---------------------------------------------------------------- case 9: restart
 
 def test_09_next_request_after_a_restart_succeeds(tmp_path: Path) -> None:
