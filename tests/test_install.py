@@ -37,6 +37,9 @@ def _env(daemon: Daemon) -> dict[str, str]:
 def installed(daemon: Daemon, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("SPAWND_SOCKET", daemon.path)
     monkeypatch.setattr("spawnd_client.client._default", daemon.client())
+    # A fresh program's state: no start method fixed yet (an earlier test in this process
+    # may have fixed it, e.g. by calling get_start_method() without allow_none).
+    monkeypatch.setattr(multiprocessing.context._default_context, "_actual_context", None)
     yield daemon
     spawnd_client.uninstall()
 

@@ -6,16 +6,17 @@ import errno
 import os
 import signal as _signal
 import threading
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from spawnd import protocol as P
-from spawnd.paths import default_socket_path
 
 from ._caller import CallerState, caller_state
 from ._transport import Transport
-from .autostart import private_daemon
-from .errors import DaemonConnectionError, DaemonUnavailable
+from .autostart import private_daemon, socket_choice
+from .errors import DaemonConnectionError, DaemonUnavailable, RequestNotSent
 
 StrOrBytes = str | bytes | os.PathLike
 
@@ -26,7 +27,13 @@ def _b(v: StrOrBytes) -> bytes:
 
 def encode_env(env: Mapping[Any, Any] | None) -> list[bytes]:
     """``None`` means the caller's own environment, sent explicitly (the daemon adds nothing)."""
-    env = os.environ if env is None else env
+    if env is None or env is os.environ:
+        # os.environ keeps its entries encoded already (CPython's _Environ._data): joining
+        # those is ~10x cheaper than decoding and re-encoding every variable per spawn.
+        data = getattr(os.environ, "_data", None)
+        if isinstance(data, dict):
+            return [k + b"=" + v for k, v in data.items()]
+        env = os.environ
     return [_b(k) + b"=" + _b(v) for k, v in env.items()]
 
 
@@ -37,12 +44,15 @@ def spawn_request(rid: int, argv: Sequence[StrOrBytes], *, env: Mapping[Any, Any
                   caller: CallerState | None = None, **flags: Any) -> tuple[P.Spawn, list[int]]:
     """The request and the fds to send with it, shared by the blocking and async clients.
 
-    Our fds are checked here: a closed fd would fail ``sendmsg`` and look like a broken
-    connection, when it is the caller's ``EBADF``.
+    What the daemon would refuse for the whole connection fails here, alone, before
+    anything is sent: more fds than one ``sendmsg`` may carry (``E2BIG``), over-long
+    strings. A closed fd is not looked for (no ``fstat`` per fd): ``sendmsg`` refuses it
+    with ``EBADF`` before any byte leaves, and the transport hands that to the caller.
     """
-    items = sorted((fds or {}).items())
-    for _, fd in items:
-        os.fstat(fd)
+    items = sorted(fds.items()) if fds else []
+    if len(items) > P.MAX_FDS:
+        raise OSError(errno.E2BIG, f"{len(items)} fds for one child; spawnd passes at most "
+                      f"{P.MAX_FDS} (SCM_MAX_FD per message), stdio included")
     if caller is not None:  # inherit the caller's state (issue 11): see _caller.py
         flags = _with_caller(flags, caller)
     req = P.Spawn(
@@ -74,24 +84,57 @@ def _with_caller(flags: dict[str, Any], caller: CallerState) -> dict[str, Any]:
     return flags
 
 
+def pidfd_signal(pidfd: int | None, sig: int) -> bool:
+    """Signal a child through our own pidfd: no round trip, never a recycled pid.
+
+    True when the kernel took care of it (delivered, or the child is already gone:
+    ``ESRCH``, which ``subprocess`` ignores too); False when the daemon must be asked:
+    no pidfd, or ``EPERM`` (a child running as another uid). Safe in a signal handler and
+    in any thread. Shared by the blocking and async clients.
+    """
+    if pidfd is None:
+        return False
+    try:
+        _signal.pidfd_send_signal(pidfd, sig)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return True
+
+
+def signal_request(rid: int, spawn_id: int, pid: int, sig: int) -> P.Signal:
+    """The Signal message naming the child by the id of the Spawn that started it."""
+    if "child" in P.Signal.__dataclass_fields__:
+        return P.Signal(id=rid, child=spawn_id, signal=int(sig))  # type: ignore[call-arg]
+    # A protocol module from before the by-request-id form (until it is merged).
+    return P.Signal(id=rid, pid=pid, signal=int(sig))  # type: ignore[call-arg]
+
+
 class Child:
     """A process the daemon started for us. ``returncode`` follows ``subprocess``.
 
     ``pidfd`` (when the kernel allows) becomes readable when the child exits, so
     ``select``/``multiprocessing.connection.wait`` work on it; it is closed by :meth:`close`.
+    In a process forked after the child was started, the child stays the parent's:
+    ``wait``/``poll`` raise :class:`DaemonConnectionError` saying so, signals do nothing.
     """
 
     def __init__(self, client: Client, transport: Transport, pid: int, pidfd: int | None,
-                 args: Any = None) -> None:
+                 args: Any = None, request_id: int = 0) -> None:
         self.client = client
         self.transport = transport
         self.pid = pid
         self.pidfd = pidfd
         self.args = args
+        self.request_id = request_id  # the Spawn's id: how the daemon names this child
         self.returncode: int | None = None
         self.lost: BaseException | None = None
         self._done = False
-        self.request_id: int = -1  # the Spawn's request id, set by Client.spawn
+        # Guards pidfd against close() in another thread (a reused fd number would signal
+        # some other process); re-entrant so a signal handler interrupting close() in this
+        # thread sees either the open fd or None.
+        self._fd_lock = threading.RLock()
 
     def _on_exit(self, ev: P.Exit | BaseException) -> None:
         """Runs in whichever thread routes the event, with the transport's lock held."""
@@ -107,19 +150,28 @@ class Child:
             return None
         if self.returncode is None:
             assert self.lost is not None
-            raise DaemonConnectionError(f"exit status of {self.pid} lost: {self.lost}")
+            raise DaemonConnectionError(f"exit status of {self.pid} lost: {self.lost}") \
+                from None
         return self.returncode
 
     def poll(self) -> int | None:
         return self.wait(0)
 
     def send_signal(self, sig: int) -> None:
-        """Ask the daemon (it signals through its pidfd: never a recycled pid)."""
+        """Signal through our pidfd; only if the kernel refuses (another uid), the daemon.
+
+        Works from a signal handler and from any thread at any time: the pidfd route needs
+        no connection, and a daemon request made while this thread is inside its own read
+        is sent without waiting for the reply.
+        """
         if self._done:
             return
+        with self._fd_lock:
+            if pidfd_signal(self.pidfd, sig):
+                return
+        t = self.transport
         try:
-            self.transport.request(P.Signal(id=self.transport.next_id(), child=self.request_id,
-                                            signal=int(sig)))
+            t.request(signal_request(t.next_id(), self.request_id, self.pid, sig), reply=False)
         except ProcessLookupError:
             pass  # it exited meanwhile, like subprocess
 
@@ -135,9 +187,10 @@ class Child:
         return self.pidfd
 
     def close(self) -> None:
-        if self.pidfd is not None:
-            os.close(self.pidfd)
-            self.pidfd = None
+        with self._fd_lock:
+            fd, self.pidfd = self.pidfd, None
+            if fd is not None:
+                os.close(fd)
 
     def __del__(self) -> None:
         fd = self.pidfd
@@ -149,18 +202,25 @@ class Child:
 class Client:
     """A thread-safe handle to one daemon; reconnects by itself after the daemon restarts.
 
-    ``path`` defaults to ``$SPAWND_SOCKET`` or the per-user/system default. When nothing
-    answers there and ``autostart`` is true (default; ``SPAWND_AUTOSTART=0`` turns it off),
-    a private daemon is started once for this process, with ``posix_spawn``.
+    ``path`` defaults to ``$SPAWND_SOCKET`` or the per-user/system default. Autostart
+    applies only when no socket was configured at all (neither ``path`` nor
+    ``$SPAWND_SOCKET``): then, when nothing answers at the default path and ``autostart``
+    is true (default; ``SPAWND_AUTOSTART=0`` turns it off), a private daemon is started once
+    for this process, with ``posix_spawn``. A configured socket that does not answer is a
+    :class:`DaemonUnavailable` naming it, never a silent private daemon (which would bypass
+    the system daemon and its policy).
+
+    A request the daemon never received (the connection was found dead before it left) is
+    resent once on a new connection; children of a daemon that went away report
+    :class:`DaemonConnectionError`. After ``os.fork()`` the child process starts with a
+    fresh connection of its own (the parent's is closed in it, not shut down).
     """
 
     def __init__(self, path: str | None = None, *, autostart: bool | None = None) -> None:
-        self.path = path or default_socket_path()
-        if autostart is None:
-            autostart = os.environ.get("SPAWND_AUTOSTART", "1") != "0"
-        self.autostart = autostart
+        self.path, self.autostart = socket_choice(path, autostart)
         self._lock = threading.Lock()
         self._transport: Transport | None = None
+        _clients.add(self)
 
     def transport(self) -> Transport:
         """The live connection, (re)connecting if there is none or it broke."""
@@ -184,6 +244,13 @@ class Client:
                 raise
         return Transport(private_daemon())
 
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+        t, self._transport = self._transport, None
+        if t is not None:
+            t.abandon(f"this process (pid {os.getpid()}) was forked from the one that owns "
+                      "this spawnd connection: its children and statuses stay the parent's")
+
     def spawn(self, argv: Sequence[StrOrBytes], *, env: Mapping[Any, Any] | None = None,
               fds: Mapping[int, int] | None = None, executable: StrOrBytes | None = None,
               cwd: StrOrBytes | None = None, start_new_session: bool = False,
@@ -206,11 +273,10 @@ class Client:
         ``subprocess``. ``ctty`` names one of the child's fds as its controlling terminal.
         """
         t = self.transport()
-        rid = t.next_id()
         caller = caller_state()  # issue 11: what a forked child inherits; closed when sent
         try:
             req, send_fds = spawn_request(
-                rid, argv, env=env, fds=fds, executable=executable, cwd=cwd,
+                t.next_id(), argv, env=env, fds=fds, executable=executable, cwd=cwd,
                 start_new_session=start_new_session, process_group=process_group,
                 on_disconnect=on_disconnect, grace=grace, want_pidfd=want_pidfd, user=user,
                 group=group, extra_groups=extra_groups, umask=umask, capabilities=capabilities,
@@ -218,21 +284,33 @@ class Client:
                 warm=None if warm is None else dict(warm), caller=caller, ctty=ctty,
                 namespaces=tuple(namespaces),  # new namespaces (issue 11)
                 restore_signals=restore_signals)  # subprocess's flag (SIGPIPE/SIGXFSZ)
-
-            def adopt(ev: P.Spawned) -> Child:
-                pidfd = ev.fds_received[0] if ev.pidfd and ev.fds_received else None
-                child = Child(self, t, ev.pid, pidfd, args if args is not None else argv)
-                child.request_id = rid  # Signal names the child by it (protocol: never a pid)
-                t.exit_handlers[rid] = child._on_exit
-                return child
-
-            return t.request(req, send_fds, on_spawned=adopt)
+            label = args if args is not None else argv
+            try:
+                return self._spawn_on(t, req, send_fds, label)
+            except RequestNotSent:
+                t = self.transport()  # the daemon never saw it: once more, on a new connection
+                return self._spawn_on(t, replace(req, id=t.next_id()), send_fds, label)
         finally:
             caller.close()
 
+    def _spawn_on(self, t: Transport, req: P.Spawn, send_fds: list[int], label: Any) -> Child:
+        rid = req.id
+
+        def adopt(ev: P.Spawned) -> Child:
+            pidfd = ev.fds_received[0] if ev.pidfd and ev.fds_received else None
+            child = Child(self, t, ev.pid, pidfd, label, rid)
+            t.exit_handlers[rid] = child._on_exit
+            return child
+
+        return t.request(req, send_fds, on_spawned=adopt)
+
     def ping(self) -> dict[str, int]:
         t = self.transport()
-        pong = t.request(P.Ping(id=t.next_id()))
+        try:
+            pong = t.request(P.Ping(id=t.next_id()))
+        except RequestNotSent:
+            t = self.transport()
+            pong = t.request(P.Ping(id=t.next_id()))
         return {"pid": pong.pid, "children": pong.children, "connections": pong.connections}
 
     def close(self) -> None:
@@ -250,6 +328,18 @@ class Client:
 
 _default: Client | None = None
 _default_lock = threading.Lock()
+#: Every live Client, so a forked child can let go of each one's connection.
+_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    global _default_lock
+    _default_lock = threading.Lock()
+    for c in list(_clients):
+        c._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def default_client() -> Client:

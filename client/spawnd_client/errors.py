@@ -16,6 +16,14 @@ class DaemonUnavailable(ConnectionRefusedError):
     """No daemon answers at the socket (and autostart is off or failed). Names the path."""
 
 
+class RequestNotSent(DaemonConnectionError):
+    """The connection was found dead before the request left: the daemon never saw it.
+
+    Internal: :class:`~spawnd_client.Client` resends such a request on a new connection
+    (after a daemon restart); only when that fails too does the caller see it.
+    """
+
+
 def error_to_exception(err: P.Error) -> OSError:
     """``OSError(errno, ...)`` picks the subclass (``FileNotFoundError``, ``PermissionError``...).
 
