@@ -17,13 +17,12 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import spawnd_client as sc
 from conftest import REPO, Daemon, children_of, start_daemon, wait_until
-from secutil import SETPRIV, Accounts, make_accounts, make_shared_dir, missing_prerequisite
+from secutil import SETPRIV, Accounts, make_shared_dir
 
 from spawnd import protocol as P
 
@@ -330,11 +329,6 @@ finally:
 """
 
 
-@pytest.fixture(scope="module")
-def accounts() -> Iterator[Accounts]:
-    if missing_prerequisite() is not None:
-        pytest.skip(missing_prerequisite() or "")
-    yield from make_accounts()
 
 
 def test_10_listener_of_another_uid_is_refused(accounts: Accounts) -> None:

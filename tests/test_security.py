@@ -30,9 +30,6 @@ from secutil import (
     ClientLib,
     daemon_env,
     finish,
-    install_client_library,
-    make_accounts,
-    make_shared_dir,
     missing_prerequisite,
     start_root_daemon,
     write_policy,
@@ -59,22 +56,6 @@ BIND = ("import errno, socket, sys\n"
 
 
 # ---------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def accounts() -> Iterator[Accounts]:
-    yield from make_accounts()
-
-
-@pytest.fixture(scope="module")
-def shared() -> Iterator[Path]:
-    d = make_shared_dir()
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def clients(shared: Path) -> ClientLib:
-    return ClientLib(install_client_library(shared))
 
 
 @pytest.fixture(scope="module", params=["c", "python"])
