@@ -48,7 +48,6 @@ STAGE_POLICY = "policy"
 STAGE_LIMIT = "limit"
 STAGE_FDS = "fds"
 STAGE_CWD = "cwd"
-STAGE_CREDENTIALS = "credentials"
 STAGE_EXEC = "exec"
 
 #: Namespaces a Spawn may ask for (``namespaces``): clone(2)'s CLONE_NEW* names.

@@ -150,3 +150,59 @@ def test_getoutput_getstatusoutput(daemon: Daemon, monkeypatch: pytest.MonkeyPat
     for cmd in ("echo a; echo b >&2; exit 3", "printf 'x\\n\\n'"):
         assert sc.getstatusoutput(cmd) == subprocess.getstatusoutput(cmd)
         assert sc.getoutput(cmd) == subprocess.getoutput(cmd)
+
+
+@pytest.mark.parametrize("restore", [True, False])
+def test_asyncio_face_restore_signals_like_the_stdlib(daemon: Daemon, restore: bool,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The asyncio face (what install() swaps in) honours restore_signals as asyncio does."""
+    import asyncio
+
+    from spawnd_client import asyncio as sa
+
+    monkeypatch.setenv("SPAWND_SOCKET", daemon.path)
+    pipe_xfsz = (1 << (signal.SIGPIPE - 1)) | (1 << (signal.SIGXFSZ - 1))
+
+    async def ign(create) -> int:
+        p = await create("sleep", "30", restore_signals=restore)
+        try:
+            return _sigign(p.pid) & pipe_xfsz
+        finally:
+            p.kill()
+            await p.wait()
+
+    seen = [asyncio.run(ign(asyncio.create_subprocess_exec)),
+            asyncio.run(ign(sa.create_subprocess_exec))]
+    assert seen[0] == seen[1] == (0 if restore else pipe_xfsz)
+
+
+def test_asyncio_face_close_fds_false(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from spawnd_client import asyncio as sa
+
+    monkeypatch.setenv("SPAWND_SOCKET", daemon.path)
+    r, w = os.pipe()
+    os.set_inheritable(w, True)
+    try:
+        async def run(create) -> int:
+            p = await create(sys.executable, "-c", f"import os; os.write({w}, b'x')",
+                             close_fds=False)
+            return await p.wait()
+
+        for create in (asyncio.create_subprocess_exec, sa.create_subprocess_exec):
+            assert asyncio.run(run(create)) == 0
+            assert os.read(r, 1) == b"x"
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a new net namespace needs root here")
+def test_popen_namespaces(daemon: Daemon) -> None:
+    """issue 11: Popen(..., namespaces=["net"]) like Client.spawn (a root daemon, root client)."""
+    own = os.readlink("/proc/self/ns/net")
+    p = sc.Popen(["readlink", "/proc/self/ns/net"], namespaces=["net"], stdout=subprocess.PIPE,
+                 client=daemon.client())
+    out = p.communicate(timeout=20)[0].decode().strip()
+    assert p.returncode == 0 and out.startswith("net:[") and out != own

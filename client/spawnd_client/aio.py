@@ -655,7 +655,8 @@ async def start_child(args: Sequence[StrOrBytes], *, stdin: Any, stdout: Any, st
                       on_disconnect: str = P.DEFAULT_ON_DISCONNECT,
                       grace: float = P.DEFAULT_GRACE, capabilities: Iterable[str] = (),
                       rlimits: Mapping[str, tuple[int, int]] | None = None,
-                      no_new_privs: bool = False,
+                      no_new_privs: bool = False, namespaces: Iterable[str] = (),
+                      restore_signals: bool = True, close_fds: bool = True,
                       ) -> tuple[AsyncChild, list[int | None]]:
     """Start ``args`` with stdio planned like ``subprocess`` (PIPE, DEVNULL, STDOUT, fd,
     file, None = ours); returns the child and our ends of its pipes (0, 1, 2, or None).
@@ -691,6 +692,12 @@ async def start_child(args: Sequence[StrOrBytes], *, stdin: Any, stdout: Any, st
                     fds[target] = target  # our own stdio, passed explicitly
             else:
                 fds[target] = _fileno(how)
+        if not close_fds:  # what the stdlib's child would inherit, as spawnd's Popen does
+            from .popen import inheritable_fds
+
+            for fd in inheritable_fds():
+                if fd not in ours:
+                    fds.setdefault(fd, fd)
         for fd in pass_fds:
             if fd > 2:
                 fds[fd] = fd
@@ -702,7 +709,8 @@ async def start_child(args: Sequence[StrOrBytes], *, stdin: Any, stdout: Any, st
                 user=_uid(user), group=_gid(group),
                 extra_groups=None if extra_groups is None else [_gid(g) for g in extra_groups],
                 umask=None if umask < 0 else umask, on_disconnect=on_disconnect, grace=grace,
-                capabilities=tuple(capabilities), rlimits=rlimits, no_new_privs=no_new_privs)
+                capabilities=tuple(capabilities), rlimits=rlimits, no_new_privs=no_new_privs,
+                namespaces=tuple(namespaces), restore_signals=restore_signals)
         except OSError as e:
             if getattr(e, "stage", None) == P.STAGE_EXEC and e.filename is not None:
                 e.filename = program  # subprocess names what the caller passed
@@ -867,7 +875,8 @@ async def open_process(command: StrOrBytes | Sequence[StrOrBytes], *,
     """``anyio.open_process`` through spawnd: a string runs through ``/bin/sh -c``.
 
     Extra keywords as the blocking client: ``executable``, ``process_group``,
-    ``on_disconnect``, ``grace``, ``capabilities``, ``rlimits``, ``no_new_privs``;
+    ``on_disconnect``, ``grace``, ``capabilities``, ``rlimits``, ``no_new_privs``,
+    ``namespaces``, and subprocess's ``restore_signals``/``close_fds``;
     ``client`` picks a connection (default: this event loop's shared one)."""
     grants.pop("startupinfo", None)
     grants.pop("creationflags", None)

@@ -152,8 +152,6 @@ def _check(kwds: dict[str, Any]) -> None:
         raise ValueError("errors must be None")
     if kwds.pop("preexec_fn", None) is not None:
         raise ValueError(_PREEXEC_REFUSED)
-    kwds.pop("close_fds", None)  # always effectively true: only stdio and pass_fds go
-    kwds.pop("restore_signals", None)  # spawnd's children start with default dispositions
     kwds.pop("startupinfo", None)
     kwds.pop("creationflags", None)
 

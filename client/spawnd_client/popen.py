@@ -130,9 +130,9 @@ def _spawnd_execute_child(self: subprocess.Popen, args: Any, executable: Any,
             for fd in inheritable_fds():
                 if fd not in (p2cwrite, c2pread, errread):
                     fds.setdefault(fd, fd)
-            if len(fds) > P.MAX_FDS:
-                raise OSError(errno.EMFILE, f"close_fds=False would pass {len(fds)} fds; "
-                              f"spawnd sends at most {P.MAX_FDS} with one request: mark "
+            if len(fds) >= P.MAX_FDS:  # one of the MAX_FDS carries our cwd (issue 11)
+                raise OSError(errno.E2BIG, f"close_fds=False would pass {len(fds)} fds; "
+                              f"spawnd sends at most {P.MAX_FDS - 1} with one request: mark "
                               "the rest close-on-exec or use pass_fds")
         for fd in pass_fds:
             if fd > 2:
@@ -211,7 +211,8 @@ class Popen(subprocess.Popen):
 
     Extra keywords: ``on_disconnect`` (what the daemon does to the child if our connection
     closes: ``"terminate"`` (default), ``"kill"`` or ``"keep"``), ``capabilities``,
-    ``rlimits``, ``no_new_privs`` (granted only if the daemon's policy allows).
+    ``rlimits``, ``no_new_privs``, ``namespaces`` (granted only if the daemon's policy
+    allows).
     ``close_fds=False`` passes every inheritable fd (what the stdlib's child inherits).
     """
 
@@ -226,13 +227,14 @@ class Popen(subprocess.Popen):
                  pipesize: int = -1, process_group: int | None = None,
                  client: Client | None = None, on_disconnect: str = P.DEFAULT_ON_DISCONNECT,
                  capabilities: Any = (), rlimits: dict[str, tuple[int, int]] | None = None,
-                 no_new_privs: bool = False) -> None:
+                 no_new_privs: bool = False, namespaces: Any = ()) -> None:
         if preexec_fn is not None:
             raise ValueError(_PREEXEC_REFUSED)
         self._client = client or default_client()
         self._child: Child | None = None
         self._grants = {"on_disconnect": on_disconnect, "capabilities": tuple(capabilities),
-                        "rlimits": rlimits, "no_new_privs": no_new_privs}
+                        "rlimits": rlimits, "no_new_privs": no_new_privs,
+                        "namespaces": tuple(namespaces)}
         super().__init__(args, bufsize, executable, stdin, stdout, stderr, None, close_fds,
                          shell, cwd, env, universal_newlines, startupinfo, creationflags,
                          restore_signals, start_new_session, pass_fds, user=user, group=group,
