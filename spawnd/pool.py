@@ -16,8 +16,14 @@ The program imports what it likes, then blocks on that socket. The *handoff* is 
     b"SPWH" + uint32 n (little endian) + n int32 target fd numbers, with n fds (SCM_RIGHTS)
 
 The process ``dup2``s each fd onto its target (replacing the placeholder), closes the control
-socket and goes on as if it had been started with those fds. A request that finds no idle
-process starts a fresh one and hands off at once: one code path, warm or cold. The control
+socket and goes on as if it had been started with those fds. It also says two one-byte
+things on that socket: ``R`` when its imports are done and it waits (it is *ready*), ``A``
+once it has installed a handoff's fds (it *took* the request). A request takes, in order:
+a ready process (the reply goes at once); else the oldest still *booting* one (the fds are
+queued in its socket, it skips the rest of its preload and takes them; the reply waits for
+its ``A`` off the connection's reader; if it dies first the request goes on to the next
+choice); else a fresh process started *cold* with the handoff queued at once: one code
+path, warm or cold. The control
 socket is a socketpair: unlike CPython's forkserver socket (CVE-2022-42919; 3.14 added an
 HMAC for it) nobody else can ever connect to it, so there is nothing to authenticate.
 
@@ -27,6 +33,11 @@ timeout and at shutdown. On handoff it stops watching and returns the pid, and t
 registers the child in the ChildTable under the requesting connection like any other (the
 pid cannot be recycled before it is reaped, so ``pidfd_open`` there is race-free). Refills
 run in one task per key in the server's root nursery; the request path never waits for one.
+
+**No start is slower than a cold one.** An interpreter's boot is ~50-100 ms of CPU: a refill
+booting beside a request's boot would slow that request down, so refills (of every key)
+wait while any request's process is still booting (a cold start, or a booting process
+handed a request), and at most ``REFILL_PARALLEL`` refills boot at once.
 """
 
 from __future__ import annotations
@@ -78,10 +89,14 @@ MAX_ENTRIES = 64
 #: forgets after SHRINK_AFTER seconds without a start (the pool shrinks to the demand of
 #: the next burst), and idle_timeout without a start empties it.
 SHRINK_AFTER = 10.0
-#: After a start served cold, refills wait this long: a refill importing next to the cold
-#: process would make that start slower than a plain cold one. The miss also grows an auto
-#: pool by one (starts come faster than it refills), within the same bounds.
-COLD_BOOT = 0.25
+#: A request waits at most this long for the booting process it was handed to (then it
+#: gets that process anyway: its fds are queued in it), and a request's boot holds back
+#: refills at most this long (a ``__main__`` that hangs at import must not stop the pools).
+BOOT_WAIT = 5.0
+#: Refills booting at once, daemon-wide: one per two CPUs (the rest is the program's).
+REFILL_PARALLEL = max(1, (os.cpu_count() or 1) // 2)
+READY = b"R"  # pooled process -> daemon: imports done, waiting for a handoff
+TOOK = b"A"  # pooled process -> daemon: a handoff's fds are in place
 TRACKED = 64  # handed-out pids remembered per key for the concurrency count
 
 Key = tuple[Any, ...]
@@ -90,11 +105,16 @@ Key = tuple[Any, ...]
 @dataclass(eq=False)
 class WarmProcess:
     pid: int
-    pidfd: int
+    pidfd: int  # -1: a cold start's process, which the ChildTable owns and reaps
     control: socket.socket
     entry: Entry
     handed_off: bool = False  # set when given to a request: the pool no longer owns it
     retired: bool = False  # killed on purpose (timeout, eviction, shutdown)
+    ready: bool = False  # said READY: imports done, waiting
+    took: bool = False  # said TOOK: a request's fds are in place
+    request: trio.Event | None = None  # set when a request handed to it while booting can go on
+    boot: str | None = None  # "idle" or "request" while it boots (see WarmPool._booting)
+    boot_started: float = 0.0
 
 
 @dataclass(eq=False)
@@ -115,11 +135,11 @@ class Entry:
     starts: int = 0
     peak: int = 0
     running: deque[int] = field(default_factory=lambda: deque(maxlen=TRACKED))
-    refill_after: float = 0.0
 
 
 class WarmPool:
-    """All warm pools of one daemon. ``take`` is synchronous: it never waits for a refill."""
+    """All warm pools of one daemon. ``take`` waits only for a process that is already
+    booting (never for a refill to start); its caller runs it off the connection's reader."""
 
     def __init__(self, nursery: trio.Nursery, max_idle: int = DEFAULT_POOL_MAX) -> None:
         self._nursery = nursery
@@ -128,6 +148,10 @@ class WarmPool:
         self._stopping = False
         # One /dev/null for every placeholder; O_CLOEXEC: only dup2 puts it in a child.
         self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        # Processes still importing, by kind ("idle": a refill nobody asked for yet,
+        # "request": one a request waits for). Refills go only when no request boots.
+        self._booting: dict[str, set[WarmProcess]] = {"idle": set(), "request": set()}
+        self._boots_changed = trio.Event()
 
     # -- introspection (logs, tests)
     @property
@@ -135,10 +159,11 @@ class WarmPool:
         return sum(len(e.idle) for e in self._entries.values())
 
     # -- the request path
-    def take(self, uid: int, gid: int, spec: SpawnSpec, grant: Any,
-             warm: dict[str, Any]) -> int:
-        """Start ``spec`` through the pool: hand an idle equivalent process the request's fds,
-        or start one and hand off at once. Returns the pid; raises SpawnError like spawn()."""
+    async def take(self, uid: int, gid: int, spec: SpawnSpec, grant: Any,
+                   warm: dict[str, Any]) -> int:
+        """Start ``spec`` through the pool: hand a ready equivalent process the request's
+        fds, else a booting one (waiting for it to take them), else start one and hand off
+        at once. Returns the pid; raises SpawnError like spawn()."""
         targets = tuple(t for _, t in spec.fd_map)
         sources = [s for s, _ in spec.fd_map]
         key = self._key(uid, gid, spec, grant, targets)
@@ -162,25 +187,24 @@ class WarmPool:
             entry.idle_timeout = float(warm["idle_timeout"])
         entry.last_used = now
         entry.changed.set()  # the refill task re-checks size and deadline
-        while entry.idle:
-            proc = entry.idle.popleft()
+        while (proc := self._pick(entry)) is not None:
             try:
                 given = self._hand_off(proc.control, sources, targets)
             except BaseException:  # the request's fds are bad: the process stays idle
                 entry.idle.appendleft(proc)
                 raise
-            if given:
-                self._release(proc)
-                entry.failures = 0
-                entry.running.append(proc.pid)
-                log.debug("warm: handed idle %d to uid %d", proc.pid, uid)
-                return proc.pid
-            self._retire(proc)  # it died or is dying; its watcher reaps it
-        entry.refill_after = now + COLD_BOOT
-        if auto and entry.starts > 1:
-            entry.peak += 1
-            entry.size = min(entry.peak, int(warm.get("size", 1)), os.cpu_count() or 1,
-                             self.max_idle)
+            if not given:
+                self._retire(proc)  # it died or is dying; its watcher reaps it
+                continue
+            if not proc.ready and not await self._await_took(proc):
+                log.info("warm: booting process %d died before taking a request", proc.pid)
+                continue
+            self._release(proc)
+            entry.failures = 0
+            entry.running.append(proc.pid)
+            log.debug("warm: handed %s %d to uid %d", "idle" if proc.ready else "booting",
+                      proc.pid, uid)
+            return proc.pid
         try:
             pid, control = self._spawn(entry.spec, targets)
         finally:
@@ -191,15 +215,45 @@ class WarmPool:
             if not given:
                 raise SpawnError(errno.EPIPE, spawner.STAGE_FDS)
         except BaseException:
+            control.close()
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)  # bounded: SIGKILL, and it is our child
             raise
-        finally:
-            control.close()
+        # Watched until it has booted (refills wait for that); the ChildTable reaps it.
+        cold = WarmProcess(pid=pid, pidfd=-1, control=control, entry=entry, handed_off=True)
+        self._set_boot(cold, "request")
+        self._nursery.start_soon(self._watch, cold)
         entry.running.append(pid)
         log.debug("warm: no idle process for uid %d; started %d cold (pool target %d)",
                   uid, pid, entry.size)
         return pid
+
+    @staticmethod
+    def _pick(entry: Entry) -> WarmProcess | None:
+        """The ready process that waited longest, else the booting one started first."""
+        for proc in entry.idle:
+            if proc.ready:
+                entry.idle.remove(proc)
+                return proc
+        return entry.idle.popleft() if entry.idle else None
+
+    async def _await_took(self, proc: WarmProcess) -> bool:
+        """A booting process holds the request's fds: wait (BOOT_WAIT at most) for it to
+        take them. False if it died first (the request then goes on to another process)."""
+        self._set_boot(proc, "request")
+        proc.request = trio.Event()
+        try:
+            with trio.move_on_after(BOOT_WAIT) as timeout:
+                await proc.request.wait()
+        except BaseException:  # cancelled (shutdown): it holds fds for nobody now
+            if not proc.took:
+                self._retire(proc)
+            raise
+        if timeout.cancelled_caught:
+            log.warning("warm: process %d still booting after %.0fs; handing it over anyway",
+                        proc.pid, BOOT_WAIT)
+            return True
+        return proc.took
 
     def _auto_size(self, entry: Entry | None, cap: int, now: float) -> int:
         """The pool target for an ``auto`` key at this start (see SHRINK_AFTER)."""
@@ -294,31 +348,79 @@ class WarmPool:
     def _release(self, proc: WarmProcess) -> None:
         """The process now belongs to a request: stop watching it, keep no fd of it."""
         proc.handed_off = True
+        self._set_boot(proc, None)
+        trio.lowlevel.notify_closing(proc.control)  # wakes its watcher, which then returns
         proc.control.close()
-        trio.lowlevel.notify_closing(proc.pidfd)  # wakes its watcher, which then returns
         os.close(proc.pidfd)
         proc.pidfd = -1
 
     def _retire(self, proc: WarmProcess) -> None:
-        """Kill an idle process on purpose (already removed from its entry's idle list)."""
+        """Kill a pooled process on purpose (already removed from its entry's idle list)."""
         proc.retired = True
+        self._set_boot(proc, None)
+        trio.lowlevel.notify_closing(proc.control)  # its watcher goes on to reap it
         proc.control.close()  # EOF alone makes it exit; SIGKILL makes it prompt
         try:
             signal.pidfd_send_signal(proc.pidfd, signal.SIGKILL)
         except ProcessLookupError:
             pass
 
+    def _set_boot(self, proc: WarmProcess, kind: str | None) -> None:
+        """Move ``proc`` between the boot budgets; a boot that ends wakes the refills."""
+        if proc.boot is not None:
+            self._booting[proc.boot].discard(proc)
+            self._boots_changed.set()
+            self._boots_changed = trio.Event()
+        proc.boot = kind
+        if kind is not None:
+            proc.boot_started = trio.current_time()
+            self._booting[kind].add(proc)
+
+    def _refill_wait(self) -> float:
+        """0 if a refill may boot now; else how long until the gate must be re-checked."""
+        now = trio.current_time()
+        requests = [p.boot_started + BOOT_WAIT - now for p in self._booting["request"]]
+        requests = [t for t in requests if t > 0]  # a boot past BOOT_WAIT holds nothing back
+        if requests:
+            return min(requests)
+        if len(self._booting["idle"]) >= REFILL_PARALLEL:
+            return BOOT_WAIT
+        return 0.0
+
     async def _watch(self, proc: WarmProcess) -> None:
-        if proc.handed_off:  # handed off before this task first ran: its pidfd is gone
-            return
+        """Read what the process says (READY, TOOK), then reap it if it dies in the pool."""
         try:
-            await trio.lowlevel.wait_readable(proc.pidfd)
+            while not (proc.control.fileno() < 0 or proc.took):
+                try:
+                    await trio.lowlevel.wait_readable(proc.control)
+                except trio.ClosedResourceError:
+                    break  # released (no longer ours) or retired (reaped below)
+                try:
+                    msg = proc.control.recv(16)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    msg = b""
+                if not msg:  # EOF: it exited or is exiting
+                    break
+                if TOOK in msg:
+                    proc.took = True
+                    self._set_boot(proc, None)
+                elif READY in msg and not proc.ready:
+                    proc.ready = True
+                    self._set_boot(proc, None)
+            self._set_boot(proc, None)
+            if proc.request is not None:
+                proc.request.set()  # TOOK, or it died: the request it holds goes on
+            if proc.handed_off or proc.took:
+                return  # a cold start's process, or one a request now owns
+            await trio.lowlevel.wait_readable(proc.pidfd)  # bounded: it is exiting
         except trio.ClosedResourceError:
-            if proc.handed_off:
-                return
-            raise
+            return  # released while we waited
         finally:
-            if not proc.handed_off:
+            if proc.pidfd == -1 and proc.control.fileno() >= 0:
+                proc.control.close()  # a cold process after its boot
+            elif not proc.handed_off and not proc.took and proc.pidfd >= 0:
                 self._reap(proc)
 
     def _reap(self, proc: WarmProcess) -> None:
@@ -334,7 +436,7 @@ class WarmPool:
             entry.idle.remove(proc)
         if not proc.retired:
             entry.failures += 1
-            log.warning("warm: idle process %d died (status %d, code %d); %d in a row",
+            log.warning("warm: pooled process %d died (status %d, code %d); %d in a row",
                         proc.pid, info.si_status, info.si_code, entry.failures)
             entry.changed.set()
         else:
@@ -353,8 +455,7 @@ class WarmPool:
                         break
                     with trio.move_on_at(deadline):
                         await entry.changed.wait()
-                        await trio.sleep(max(REFILL_DELAY,
-                                             entry.refill_after - trio.current_time()))
+                        await trio.sleep(REFILL_DELAY)
         finally:
             if self._entries.get(entry.key) is entry:
                 del self._entries[entry.key]
@@ -375,6 +476,11 @@ class WarmPool:
                 await trio.sleep(min(BACKOFF_FIRST * 2 ** (entry.failures - 1), BACKOFF_MAX))
                 if len(entry.idle) >= entry.size or self._stopping:
                     return
+            while (wait := self._refill_wait()) > 0:  # no refill beside a request's boot
+                with trio.move_on_after(wait):
+                    await self._boots_changed.wait()
+            if len(entry.idle) >= entry.size or self._stopping:
+                return
             if not self._make_room(entry):
                 return
             try:
@@ -391,6 +497,7 @@ class WarmPool:
                 os.waitpid(pid, 0)
                 raise
             proc = WarmProcess(pid=pid, pidfd=pidfd, control=control, entry=entry)
+            self._set_boot(proc, "idle")
             entry.idle.append(proc)
             self._nursery.start_soon(self._watch, proc)
             log.debug("warm: started idle process %d (%d/%d)", pid, len(entry.idle), entry.size)

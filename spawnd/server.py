@@ -253,6 +253,7 @@ class ConnectionHandler:
         self.outbox_send, self.outbox = trio.open_memory_channel[tuple[bytes, list[int]]](
             float("inf"))
         self.scope = trio.CancelScope()
+        self._requests: trio.Nursery | None = None  # set by run(): see _dispatch
         # A second handle on the same fd, for synchronous non-blocking sends: made and
         # detached (never closed: trio's socket owns the fd) by run().
         self._raw: socket.socket | None = None
@@ -309,6 +310,7 @@ class ConnectionHandler:
             with self.scope:
                 self.peer = peer_of(self.sock)
                 async with trio.open_nursery() as n:
+                    self._requests = n  # warm starts that wait for a booting process
                     n.start_soon(self._writer)
                     await self._reader()
                     self.outbox_send.close()
@@ -426,6 +428,11 @@ class ConnectionHandler:
 
     # -- requests
     async def _dispatch(self, ev: P.Event) -> None:
+        if isinstance(ev, P.Spawn) and ev.warm is not None and self._requests is not None:
+            # A warm start may wait for a pooled process that is still booting
+            # (spawnd/pool.py): not on the reader, so the connection's next requests go on.
+            self._requests.start_soon(self._dispatch_warm, ev)
+            return
         if isinstance(ev, P.Spawn):
             try:
                 await self._spawn(ev)
@@ -436,6 +443,12 @@ class ConnectionHandler:
         elif isinstance(ev, P.Ping):
             self.send(P.Pong(id=ev.id, pid=os.getpid(), children=len(self.server.children),
                              connections=len(self.server.connections)))
+
+    async def _dispatch_warm(self, req: P.Spawn) -> None:
+        try:
+            await self._spawn(req)
+        finally:
+            _close_all(req.fds_received)
 
     async def _spawn(self, req: P.Spawn) -> None:
         assert self.peer is not None
@@ -516,7 +529,8 @@ class ConnectionHandler:
             if req.warm is not None and not grant.needs_trampoline:
                 # multiprocessing warm pool (spawnd/pool.py): an idle equivalent process, or a
                 # fresh one, gets the request's fds by handoff; the caller registers the pid.
-                return self.server.pool.take(self.peer.uid, self.peer.gid, spec, grant, req.warm)
+                return await self.server.pool.take(self.peer.uid, self.peer.gid, spec, grant,
+                                                   req.warm)
             if grant.needs_trampoline:
                 return await privileged.spawn_privileged(spec, grant)
             return spawner.spawn(spec)

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import struct
 import sys
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NoReturn
 
 from spawnd import fdpass
@@ -42,6 +43,8 @@ WARM_FD_ENV = "SPAWND_WARM_FD"
 #: Handoff from the daemon (mirrors spawnd/pool.py): magic, n, then n int32 target fds.
 HANDOFF_MAGIC = b"SPWH"
 HANDOFF_HEADER = struct.Struct("<4sI")
+READY = b"R"  # to the daemon: imports done, waiting for a handoff
+TOOK = b"A"  # to the daemon: the handoff's fds are in place
 #: First bytes on PAYLOAD_FD from the parent: magic and how many fds come with them.
 PAYLOAD_MAGIC = b"SPMP"
 PAYLOAD_HEADER = struct.Struct("<4sI")
@@ -100,10 +103,11 @@ def main(options: dict[str, Any]) -> NoReturn:
     _setup_child(options)
     ctl = os.environ.pop(WARM_FD_ENV, None)
     if ctl is not None:
+        sock = socket.socket(fileno=int(ctl))
         prep = options.get("prep")
         if prep is not None:
-            _preload(prep, options.get("preload", ()))
-        _await_handoff(int(ctl))
+            _preload(prep, options.get("preload", ()), lambda: _pending(sock))
+        _await_handoff(sock)
     _inherited[:] = _receive_fds(PAYLOAD_FD)
     from multiprocessing import resource_tracker, spawn
 
@@ -121,24 +125,34 @@ def is_open(fd: int) -> bool:
     return True
 
 
-def _preload(prep: Mapping[str, Any], modules: Iterable[str]) -> None:
+def _pending(sock: socket.socket) -> bool:
+    """A request (or EOF) is already waiting: stop preloading, go and serve it."""
+    p = select.poll()
+    p.register(sock, select.POLLIN)
+    return bool(p.poll(0))
+
+
+def _preload(prep: Mapping[str, Any], modules: Iterable[str],
+             pending: Callable[[], bool] = lambda: False) -> None:
     """Import what a child of this parent will need, as ``prepare()`` would, ahead of time.
 
     Errors are swallowed: ``prepare()`` repeats the main-module import after the handoff,
     where a failure reaches the real stderr and exit status as it would with ``spawn``.
+    Stops as soon as ``pending()``: a process handed a request while it boots (or started
+    for one) then costs what a cold start costs, not the imports its target may not need.
     """
     from multiprocessing import process, spawn
 
+    if pending():
+        return
     if "sys_path" in prep:
         sys.path[:] = prep["sys_path"]
     if "sys_argv" in prep:
         sys.argv[:] = prep["sys_argv"]
     if "orig_dir" in prep:
         process.ORIGINAL_DIR = prep["orig_dir"]
-    for name in ALWAYS_PRELOAD:
-        _try_import(name)
     modules = list(modules)
-    if "__main__" in modules:
+    if "__main__" in modules:  # first: prepare() needs it anyway, the rest only may
         current = process.current_process()
         current._inheriting = True  # type: ignore[attr-defined]  # main must not start processes
         try:
@@ -150,8 +164,8 @@ def _preload(prep: Mapping[str, Any], modules: Iterable[str]) -> None:
             pass
         finally:
             del current._inheriting  # type: ignore[attr-defined]
-    for name in modules:
-        if name != "__main__":
+    for name in (*ALWAYS_PRELOAD, *modules):
+        if name != "__main__" and not pending():
             _try_import(name)
 
 
@@ -162,15 +176,19 @@ def _try_import(name: str) -> None:
         pass
 
 
-def _await_handoff(ctl: int) -> None:
-    """Block until the daemon hands this process a request's fds; install them."""
-    sock = socket.socket(fileno=ctl)
+def _await_handoff(sock: socket.socket) -> None:
+    """Block until the daemon hands this process a request's fds; install them.
+
+    Says READY before it blocks (unless a request is already there) and TOOK once the fds
+    are in place: until then the daemon can still give the request to another process."""
     try:
+        if not _pending(sock):
+            sock.send(READY)
         msg, anc, flags, _ = sock.recvmsg(HANDOFF_HEADER.size + 4 * MAX_PASSED_FDS,
                                           socket.CMSG_SPACE(4 * MAX_PASSED_FDS),
                                           socket.MSG_CMSG_CLOEXEC)
-    finally:
-        sock.close()
+    except OSError:  # the daemon is gone
+        msg = b""
     if not msg:  # retired by the daemon (idle timeout, shutdown) before any request
         os._exit(0)
     fds = fdpass.received_fds(anc)
@@ -189,6 +207,11 @@ def _await_handoff(ctl: int) -> None:
     for fd in fds:
         if fd not in targets:
             os.close(fd)
+    try:
+        sock.send(TOOK)
+    except OSError:
+        pass  # the daemon is gone; the request's fds are in place all the same
+    sock.close()
     # The interpreter chose block buffering when fd 1 was /dev/null; a cold start onto a
     # terminal would have line buffering.
     if sys.stdout is not None and os.isatty(1) and hasattr(sys.stdout, "reconfigure"):
