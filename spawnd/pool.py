@@ -242,6 +242,7 @@ class WarmPool:
         take them. False if it died first (the request then goes on to another process)."""
         self._set_boot(proc, "request")
         proc.request = trio.Event()
+        log.debug("warm: a request waits for booting process %d", proc.pid)
         try:
             with trio.move_on_after(BOOT_WAIT) as timeout:
                 await proc.request.wait()

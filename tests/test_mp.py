@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Iterator
 from multiprocessing import connection, shared_memory
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Daemon, children_of, start_daemon, wait_until
@@ -658,3 +659,112 @@ def test_auto_warm_pool_follows_demand(mpd: Daemon, mark: str) -> None:
         z.start()
         z.join(30)
     assert len(marked(mpd, mark)) == want  # warm=0 made no pool of its own
+
+
+# -- the auto sizing rule and the booting handoff (spawnd/pool.py) ------------------------
+
+def _idle(d: Daemon, mark: str, busy: set[int]) -> set[int]:
+    """Pooled processes of ``mark`` that no request has (yet)."""
+    return marked(d, mark) - busy
+
+
+def test_auto_pool_is_bounded_by_pool_max_and_empties_when_idle(tmp_path: Path,
+                                                                 mark: str) -> None:
+    """A burst of 3 grows an auto pool to min(3, CPUs, --pool-max); idle_timeout empties it."""
+    d = start_daemon(tmp_path, "--pool-max", "1", "--stop-grace", "1")
+    try:
+        ctx = mp.get_context(socket=d.path, idle_timeout=2.0)
+        first = ctx.Process(target=time.sleep, args=(0,))
+        first.start()
+        first.join(30)
+        assert first.exitcode == 0
+        assert wait_until(lambda: "warm: no idle process" in d.log.read_text(), 10)
+        assert not marked(d, mark)  # a program that started one process: no pool
+        ps = [ctx.Process(target=time.sleep, args=(2,)) for _ in range(3)]
+        for p in ps:
+            p.start()
+        busy = {p.pid for p in ps}
+        want = min(3, os.cpu_count() or 1, 1)
+        assert wait_until(lambda: len(_idle(d, mark, busy)) == want, 30)
+        time.sleep(0.5)  # a pool over its bounds would show by now
+        assert len(_idle(d, mark, busy)) == want
+        for p in ps:
+            p.join(30)
+            assert p.exitcode == 0
+        assert wait_until(lambda: not marked(d, mark), 30)  # idle_timeout: emptied
+    finally:
+        stop(d)
+
+
+BLOCKER = """\
+import os, time
+open(os.environ["SPAWND_TEST_BOOTING"] + "." + str(os.getpid()), "w").close()
+deadline = time.monotonic() + 60
+while not os.path.exists(os.environ["SPAWND_TEST_RELEASE"]) and time.monotonic() < deadline:
+    time.sleep(0.01)
+"""
+
+
+@pytest.fixture
+def slow_boot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mark: str) -> Path:
+    """A preload module that keeps a pooled process booting until ``release`` exists."""
+    mod = tmp_path / f"spawnd_blocker_{mark}.py"
+    mod.write_text(BLOCKER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("SPAWND_TEST_BOOTING", str(tmp_path / "booting"))
+    monkeypatch.setenv("SPAWND_TEST_RELEASE", str(tmp_path / "release"))
+    return tmp_path
+
+
+def _booting_pool_process(mpd: Daemon, slow_boot: Path, mark: str) -> tuple[Any, int]:
+    """A warm=1 context whose one pooled process is stuck in its preload."""
+    ctx = mp.get_context(socket=mpd.path, warm=1, preload=[f"spawnd_blocker_{mark}"])
+    ctx.prewarm()  # cold: it has its request at once, so it skips the (blocking) preload
+    assert wait_until(lambda: list(slow_boot.glob("booting.*")), 30)
+    (pid,) = [int(p.suffix[1:]) for p in slow_boot.glob("booting.*")]
+    assert pid in marked(mpd, mark)
+    return ctx, pid
+
+
+def _start_in_thread(p: Any) -> threading.Thread:
+    t = threading.Thread(target=p.start)
+    t.start()
+    return t
+
+
+def test_a_start_takes_the_booting_pool_process(mpd: Daemon, slow_boot: Path,
+                                                mark: str) -> None:
+    """No ready process but one booting: the request waits for it instead of a cold start
+    of its own (which would compete with it for the CPUs)."""
+    ctx, booting = _booting_pool_process(mpd, slow_boot, mark)
+    p = ctx.Process(target=sys.exit, args=(3,))
+    t = _start_in_thread(p)
+    assert wait_until(lambda: f"warm: a request waits for booting process {booting}\n"
+                      in mpd.log.read_text(), 10)
+    assert t.is_alive()  # the reply waits for the booting process to take the request
+    assert len(marked(mpd, mark)) == 1  # and no cold process was started beside it
+    (slow_boot / "release").touch()
+    t.join(30)
+    assert p.pid == booting
+    p.join(30)
+    assert p.exitcode == 3
+    assert f"warm: handed booting {booting} " in mpd.log.read_text()
+
+
+def test_a_pool_process_dying_mid_boot_falls_back_to_a_cold_start(
+        mpd: Daemon, slow_boot: Path, mark: str) -> None:
+    ctx, booting = _booting_pool_process(mpd, slow_boot, mark)
+    q = ctx.SimpleQueue()
+    p = ctx.Process(target=report_start_method, args=(q,), name="after-death")
+    t = _start_in_thread(p)
+    assert wait_until(lambda: f"warm: a request waits for booting process {booting}\n"
+                      in mpd.log.read_text(), 10)
+    os.kill(booting, signal.SIGKILL)  # the daemon's child: it reaps it
+    (slow_boot / "release").touch()  # a refill after the death must not block the test
+    t.join(30)
+    assert p.pid is not None and p.pid != booting
+    assert q.get() == ("spawnd", "after-death")
+    p.join(30)
+    assert p.exitcode == 0
+    assert f"warm: booting process {booting} died before taking a request" in (
+        mpd.log.read_text())
