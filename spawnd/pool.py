@@ -142,6 +142,19 @@ class Entry:
     starts: int = 0
     peak: int = 0
     running: deque[int] = field(default_factory=lambda: deque(maxlen=TRACKED))
+    #: A ready process kept back to be copied (CLONE_REFILLS): refills, and requests that
+    #: find no ready process, get a copy of it in ~1 ms. Counts against --pool-max.
+    zygote: WarmProcess | None = None
+    copies: bool = CLONE_REFILLS  # False once a copy was refused (threads): boot instead
+
+    @property
+    def count(self) -> int:
+        """Pooled processes not handed out (the zygote is one of ``size``)."""
+        return len(self.idle) + (self.zygote is not None)
+
+    def drop_zygote(self) -> WarmProcess | None:
+        z, self.zygote = self.zygote, None
+        return z
 
 
 class WarmPool:
@@ -163,7 +176,7 @@ class WarmPool:
     # -- introspection (logs, tests)
     @property
     def idle_count(self) -> int:
-        return sum(len(e.idle) for e in self._entries.values())
+        return sum(len(e.idle) + (e.zygote is not None) for e in self._entries.values())
 
     # -- the request path
     async def take(self, uid: int, gid: int, spec: SpawnSpec, grant: Any,
@@ -194,7 +207,21 @@ class WarmPool:
             entry.idle_timeout = float(warm["idle_timeout"])
         entry.last_used = now
         entry.changed.set()  # the refill task re-checks size and deadline
-        while (proc := self._pick(entry)) is not None:
+        while True:
+            proc = self._pick(entry, ready=True)
+            if proc is None and (zygote := entry.zygote) is not None:
+                pid = await self._copy_for_request(entry, sources, targets)
+                if pid is not None:
+                    entry.running.append(pid)
+                    log.debug("warm: handed a copy %d of %d to uid %d", pid, zygote.pid, uid)
+                    return pid
+                if entry.zygote is zygote:  # it failed us: not asked again
+                    self._retire(entry.drop_zygote())  # type: ignore[arg-type]
+                continue
+            if proc is None:
+                proc = self._pick(entry, ready=False)
+            if proc is None:
+                break
             try:
                 given = self._hand_off(proc.control, sources, targets)
             except BaseException:  # the request's fds are bad: the process stays idle
@@ -236,13 +263,33 @@ class WarmPool:
         return pid
 
     @staticmethod
-    def _pick(entry: Entry) -> WarmProcess | None:
-        """The ready process that waited longest, else the booting one started first."""
+    def _pick(entry: Entry, ready: bool) -> WarmProcess | None:
+        """The ready process that waited longest, or the booting one started first."""
         for proc in entry.idle:
-            if proc.ready:
+            if proc.ready or not ready:
                 entry.idle.remove(proc)
                 return proc
-        return entry.idle.popleft() if entry.idle else None
+        return None
+
+    async def _copy_for_request(self, entry: Entry, sources: list[int],
+                                targets: tuple[int, ...]) -> int | None:
+        """Serve a request with a fresh copy of the entry's zygote: the handoff is queued
+        in the copy's control socket before the copy exists, so it takes it at once."""
+        zygote = entry.zygote
+        assert zygote is not None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            ours.setblocking(False)
+            theirs.setblocking(False)
+            if not self._hand_off(ours, sources, targets):  # bad fds raise SpawnError
+                return None
+            pid = await self._ask_copy(entry, zygote, ours, theirs)
+            if pid is None:
+                return None
+            return pid
+        finally:
+            ours.close()  # the copy still reads the handoff queued for it, then EOF
 
     async def _await_took(self, proc: WarmProcess) -> bool:
         """A booting process holds the request's fds: wait (BOOT_WAIT at most) for it to
@@ -280,6 +327,8 @@ class WarmPool:
         for entry in list(self._entries.values()):
             while entry.idle:
                 self._retire(entry.idle.popleft())
+            if (z := entry.drop_zygote()) is not None:
+                self._retire(z)
             if entry.scope is not None:
                 entry.scope.cancel()
 
@@ -417,6 +466,9 @@ class WarmPool:
                 elif READY in msg and not proc.ready:
                     proc.ready = True
                     self._set_boot(proc, None)
+                    if proc in proc.entry.idle and proc.entry.zygote is None:
+                        self._designate_zygote(proc.entry)
+                        proc.entry.changed.set()  # refill the one kept back
             self._set_boot(proc, None)
             if proc.request is not None:
                 proc.request.set()  # TOOK, or it died: the request it holds goes on
@@ -442,6 +494,8 @@ class WarmPool:
         entry = proc.entry
         if proc in entry.idle:
             entry.idle.remove(proc)
+        if entry.zygote is proc:
+            entry.drop_zygote()
         if not proc.retired:
             entry.failures += 1
             log.warning("warm: pooled process %d died (status %d, code %d); %d in a row",
@@ -469,10 +523,12 @@ class WarmPool:
                 del self._entries[entry.key]
             while entry.idle:
                 self._retire(entry.idle.popleft())
+            if (z := entry.drop_zygote()) is not None:
+                self._retire(z)
             self._close_entry(entry)
 
     async def _refill(self, entry: Entry) -> None:
-        while (len(entry.idle) < entry.size and not self._stopping
+        while (entry.count < entry.size and not self._stopping
                and self._entries.get(entry.key) is entry):
             if entry.failures >= MAX_FAILURES:
                 if entry.failures == MAX_FAILURES:
@@ -482,23 +538,24 @@ class WarmPool:
                 return
             if entry.failures:
                 await trio.sleep(min(BACKOFF_FIRST * 2 ** (entry.failures - 1), BACKOFF_MAX))
-                if len(entry.idle) >= entry.size or self._stopping:
+                if entry.count >= entry.size or self._stopping:
                     return
             while (wait := self._refill_wait()) > 0:  # no refill beside a request's boot
                 with trio.move_on_after(wait):
                     await self._boots_changed.wait()
-            if len(entry.idle) >= entry.size or self._stopping:
+            if entry.count >= entry.size or self._stopping:
                 return
             if not self._make_room(entry):
                 return
-            zygote = next((p for p in entry.idle if p.ready), None) if CLONE_REFILLS else None
+            self._designate_zygote(entry)
+            zygote = entry.zygote
             if zygote is not None:
                 copy = await self._copy(entry, zygote)
                 if copy is not None:
                     entry.idle.append(copy)
                     self._nursery.start_soon(self._watch, copy)
                     log.debug("warm: copied idle process %d from %d (%d/%d)", copy.pid,
-                              zygote.pid, len(entry.idle), entry.size)
+                              zygote.pid, entry.count, entry.size)
                     await trio.sleep(0)
                     continue
             try:
@@ -518,54 +575,72 @@ class WarmPool:
             self._set_boot(proc, "idle")
             entry.idle.append(proc)
             self._nursery.start_soon(self._watch, proc)
-            log.debug("warm: started idle process %d (%d/%d)", pid, len(entry.idle), entry.size)
+            log.debug("warm: started idle process %d (%d/%d)", pid, entry.count, entry.size)
             await trio.sleep(0)  # one spawn per turn of the loop: requests go first
 
     async def _copy(self, entry: Entry, zygote: WarmProcess) -> WarmProcess | None:
-        """A ready copy of ``zygote`` (see CLONE_REFILLS), or None to boot one instead.
-
-        The copy's control socket goes to the zygote; the zygote answers on it ``C`` + the
-        copy's pid, and that message's SCM_CREDENTIALS (SO_PASSCRED: the kernel's, not the
-        sender's word) must name the zygote, which is our child; the copy must be too."""
+        """A ready copy of ``zygote`` for the pool (see CLONE_REFILLS), or None."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pidfd = -1
         try:
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             ours.setblocking(False)
-            try:
-                zygote.control.sendmsg([CLONE_MAGIC], fdpass.ancillary([theirs.fileno()]))
-            except OSError:
-                return None
-            finally:
-                theirs.close()
-            pid, ready = await self._copy_report(ours, zygote.pid)
+            pid = await self._ask_copy(entry, zygote, ours, theirs)
             if pid is None:
                 return None
-            try:
-                pidfd = os.pidfd_open(pid)
-                # Our child (CLONE_PARENT), alive or a zombie: WNOWAIT only looks.
-                os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            except OSError:  # ChildProcessError: not ours; ESRCH: no such process
-                log.warning("warm: process %d reported a copy %d that is not our child",
-                            zygote.pid, pid)
-                return None
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 0)
-            copy = WarmProcess(pid=pid, pidfd=pidfd, control=ours, entry=entry, ready=ready)
-            if not ready:
-                self._set_boot(copy, "idle")  # READY follows within a millisecond
-            ours = None  # type: ignore[assignment]  # the copy owns it now
-            pidfd = -1
-            return copy
+            pidfd = os.pidfd_open(pid)  # our child, checked by _ask_copy: cannot fail
+        except BaseException:
+            ours.close()
+            raise
+        return WarmProcess(pid=pid, pidfd=pidfd, control=ours, entry=entry, ready=True)
+
+    async def _ask_copy(self, entry: Entry, zygote: WarmProcess, ours: socket.socket,
+                        theirs: socket.socket) -> int | None:
+        """Have ``zygote`` copy itself with ``theirs`` as the copy's control socket; the
+        copy's pid, or None (and the entry stops copying if the zygote refused).
+
+        The zygote answers on the new socket ``C`` + the copy's pid; that message's
+        SCM_CREDENTIALS (SO_PASSCRED on ``ours``: the kernel's word, not the sender's) must
+        name the zygote, which is our child, and the copy must be our child too."""
+        try:
+            zygote.control.sendmsg([CLONE_MAGIC], fdpass.ancillary([theirs.fileno()]))
+        except OSError:
+            if entry.zygote is zygote:  # gone: its watcher reaps it
+                entry.drop_zygote()
+            return None
         finally:
-            if ours is not None:
-                ours.close()
+            theirs.close()
+        pid = await self._copy_report(ours, zygote.pid)
+        if pid is None:
+            if entry.zygote is zygote and zygote.control.fileno() >= 0:
+                log.info("warm: process %d did not copy itself; refills boot instead",
+                         zygote.pid)
+                entry.copies = False
+                entry.idle.appendleft(entry.drop_zygote())  # type: ignore[arg-type]
+            return None
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            pidfd = -1
+        try:  # our child (CLONE_PARENT), alive or a zombie: WNOWAIT only looks
+            if pidfd < 0:
+                raise ChildProcessError
+            os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            log.warning("warm: process %d reported a copy %d that is not our child",
+                        zygote.pid, pid)
+            entry.copies = False
+            if entry.zygote is zygote:
+                self._retire(entry.drop_zygote())  # type: ignore[arg-type]
+            return None
+        finally:
             if pidfd >= 0:
                 os.close(pidfd)
+        return pid
 
     @staticmethod
-    async def _copy_report(ours: socket.socket, zygote: int) -> tuple[int | None, bool]:
-        """(the copy's pid as its zygote reports it, whether the copy already said READY)."""
-        ready = False
+    async def _copy_report(ours: socket.socket, zygote: int) -> int | None:
+        """The copy's pid as its zygote reports it (a READY from the copy may come first)."""
         with trio.move_on_after(CLONE_WAIT):
             while True:
                 await trio.lowlevel.wait_readable(ours)
@@ -575,17 +650,28 @@ class WarmPool:
                     continue
                 if not msg:
                     break  # the zygote refused (threads) or died, and there is no copy
-                if msg == READY:
-                    ready = True  # the copy was quicker than its parent's report
-                elif msg[:1] == b"C" and len(msg) == 5 and _sender_pid(anc) == zygote:
-                    return struct.unpack("<i", msg[1:])[0], ready
-        return None, False
+                if msg[:1] == b"C" and len(msg) == 5 and _sender_pid(anc) == zygote:
+                    return struct.unpack("<i", msg[1:])[0]
+        return None
+
+    @staticmethod
+    def _designate_zygote(entry: Entry) -> None:
+        """Keep a ready process back as the entry's zygote, if it copies and has none."""
+        if entry.copies and entry.zygote is None:
+            for proc in entry.idle:
+                if proc.ready:
+                    entry.idle.remove(proc)
+                    entry.zygote = proc
+                    log.debug("warm: idle process %d is the pool's zygote", proc.pid)
+                    return
 
     def _evict_lru(self) -> None:
         victim = min(self._entries.values(), key=lambda e: e.last_used)
         del self._entries[victim.key]  # its task ends at its next checkpoint and cleans up
         while victim.idle:
             self._retire(victim.idle.popleft())
+        if (z := victim.drop_zygote()) is not None:
+            self._retire(z)
         if victim.scope is not None:
             victim.scope.cancel()
 
@@ -594,11 +680,11 @@ class WarmPool:
         if self.idle_count < self.max_idle:
             return True
         victims = [e for e in self._entries.values()
-                   if e is not entry and e.idle and e.last_used < entry.last_used]
+                   if e is not entry and e.count and e.last_used < entry.last_used]
         if not victims:
             return False
         victim = min(victims, key=lambda e: e.last_used)
-        self._retire(victim.idle.popleft())
+        self._retire(victim.idle.popleft() if victim.idle else victim.drop_zygote())  # type: ignore[arg-type]
         return True
 
 

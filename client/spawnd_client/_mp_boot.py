@@ -254,7 +254,7 @@ def _copy_self(sock: socket.socket, fds: list[int]) -> None:
         try:
             sock.send(READY)
         except OSError:
-            os._exit(0)
+            pass  # copied for a request: its handoff is queued, the daemon's end closed
         return
     try:
         if pid > 0:
