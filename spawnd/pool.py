@@ -121,6 +121,8 @@ class WarmProcess:
     took: bool = False  # said TOOK: a request's fds are in place
     request: trio.Event | None = None  # set when a request handed to it while booting can go on
     boot: str | None = None  # "idle" or "request" while it boots (see WarmPool._booting)
+    gone: bool = False  # its control socket reached EOF: it exited or is exiting
+    readied: trio.Event = field(default_factory=trio.Event)  # READY, or gone
     boot_started: float = 0.0
 
 
@@ -149,8 +151,8 @@ class Entry:
 
     @property
     def count(self) -> int:
-        """Pooled processes not handed out (the zygote is one of ``size``)."""
-        return len(self.idle) + (self.zygote is not None)
+        """Pooled processes the refills count: the zygote is kept *besides* ``size``."""
+        return len(self.idle)
 
     def drop_zygote(self) -> WarmProcess | None:
         z, self.zygote = self.zygote, None
@@ -218,6 +220,15 @@ class WarmPool:
                 if entry.zygote is zygote:  # it failed us: not asked again
                     self._retire(entry.drop_zygote())  # type: ignore[arg-type]
                 continue
+            if proc is None and entry.copies and (booting := self._first(entry)) is not None:
+                # It will be the zygote: wait for it to be ready, then get a copy of it,
+                # rather than take it (a pool whose every process is taken while it boots
+                # never gets a zygote, and every later start waits for a boot).
+                if await self._await_ready(booting):
+                    if booting.gone:
+                        log.info("warm: booting process %d died before taking a request",
+                                 booting.pid)
+                    continue
             if proc is None:
                 proc = self._pick(entry, ready=False)
             if proc is None:
@@ -266,10 +277,25 @@ class WarmPool:
     def _pick(entry: Entry, ready: bool) -> WarmProcess | None:
         """The ready process that waited longest, or the booting one started first."""
         for proc in entry.idle:
-            if proc.ready or not ready:
+            if (proc.ready or not ready) and not proc.gone:
                 entry.idle.remove(proc)
                 return proc
         return None
+
+    @staticmethod
+    def _first(entry: Entry) -> WarmProcess | None:
+        """The booting process started first."""
+        return next((p for p in entry.idle if not (p.ready or p.gone)), None)
+
+    async def _await_ready(self, proc: WarmProcess) -> bool:
+        """Wait (BOOT_WAIT at most) until ``proc`` is ready or gone; False on timeout."""
+        if proc.boot == "idle":
+            self._set_boot(proc, "request")  # a request waits on this boot: no refills
+        log.debug("warm: a request waits for booting process %d", proc.pid)
+        with trio.move_on_after(BOOT_WAIT):
+            await proc.readied.wait()
+            return True
+        return False
 
     async def _copy_for_request(self, entry: Entry, sources: list[int],
                                 targets: tuple[int, ...]) -> int | None:
@@ -469,7 +495,11 @@ class WarmPool:
                     if proc in proc.entry.idle and proc.entry.zygote is None:
                         self._designate_zygote(proc.entry)
                         proc.entry.changed.set()  # refill the one kept back
+                    proc.readied.set()  # requests waiting for it to be ready go on
             self._set_boot(proc, None)
+            if not (proc.took or proc.handed_off):
+                proc.gone = True
+                proc.readied.set()
             if proc.request is not None:
                 proc.request.set()  # TOOK, or it died: the request it holds goes on
             if proc.handed_off or proc.took:
@@ -680,7 +710,7 @@ class WarmPool:
         if self.idle_count < self.max_idle:
             return True
         victims = [e for e in self._entries.values()
-                   if e is not entry and e.count and e.last_used < entry.last_used]
+                   if e is not entry and (e.idle or e.zygote) and e.last_used < entry.last_used]
         if not victims:
             return False
         victim = min(victims, key=lambda e: e.last_used)

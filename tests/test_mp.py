@@ -423,10 +423,14 @@ def mark(monkeypatch: pytest.MonkeyPatch) -> str:
     return value
 
 
+#: Besides its ``warm`` ready processes a pool keeps one it copies them from (pool.py).
+ZYGOTE = 1
+
+
 def test_warm_start_is_served_by_a_prestarted_process(mpd: Daemon, mark: str) -> None:
     ctx = mp.get_context(socket=mpd.path, warm=2, idle_timeout=60)
     ctx.prewarm()  # a cold start through the handoff; the daemon fills the pool
-    assert wait_until(lambda: len(marked(mpd, mark)) == 2, 30)
+    assert wait_until(lambda: len(marked(mpd, mark)) == 2 + ZYGOTE, 30)
     idle = marked(mpd, mark)
     q = ctx.SimpleQueue()
     p = ctx.Process(target=report_start_method, args=(q,), name="warm-one")
@@ -436,7 +440,7 @@ def test_warm_start_is_served_by_a_prestarted_process(mpd: Daemon, mark: str) ->
     p.join(30)
     assert p.exitcode == 0
     assert f"warm: handed idle {p.pid} " in mpd.log.read_text()
-    assert wait_until(lambda: len(marked(mpd, mark)) == 2, 30)  # refilled in the background
+    assert wait_until(lambda: len(marked(mpd, mark)) == 2 + ZYGOTE, 30)  # refilled
     assert p.pid not in marked(mpd, mark)
 
 
@@ -444,7 +448,7 @@ def test_warm_pool_keys_differ_with_env(mpd: Daemon, mark: str,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     ctx = mp.get_context(socket=mpd.path, warm=1, idle_timeout=60)
     ctx.prewarm()
-    assert wait_until(lambda: len(marked(mpd, mark)) == 1, 30)
+    assert wait_until(lambda: len(marked(mpd, mark)) == 1 + ZYGOTE, 30)
     first_pool = marked(mpd, mark)
     monkeypatch.setenv("SPAWND_TEST_OTHER", "1")  # same context, different environment
     p = ctx.Process(target=time.sleep, args=(0,))
@@ -455,16 +459,14 @@ def test_warm_pool_keys_differ_with_env(mpd: Daemon, mark: str,
     monkeypatch.delenv("SPAWND_TEST_OTHER")
     p = ctx.Process(target=time.sleep, args=(0,))
     p.start()
-    (zygote,) = first_pool  # a pool of one is its zygote: the start gets a copy of it
-    assert p.pid in first_pool or f"warm: handed a copy {p.pid} of {zygote} " in (
-        mpd.log.read_text())
+    assert p.pid in first_pool
     p.join(30)
 
 
 def test_warm_pool_idle_timeout_empties_it(mpd: Daemon, mark: str) -> None:
     ctx = mp.get_context(socket=mpd.path, warm=2, idle_timeout=1.0)
     ctx.prewarm()
-    assert wait_until(lambda: len(marked(mpd, mark)) == 2, 30)
+    assert wait_until(lambda: len(marked(mpd, mark)) == 2 + ZYGOTE, 30)
     assert wait_until(lambda: not marked(mpd, mark), 15)
 
 
@@ -514,7 +516,7 @@ def test_daemon_stop_reaps_idle_warm_processes(tmp_path: Path, mark: str) -> Non
     d = start_daemon(tmp_path, "--stop-grace", "1")
     ctx = mp.get_context(socket=d.path, warm=3)
     ctx.prewarm()
-    assert wait_until(lambda: len(marked(d, mark)) == 3, 30)
+    assert wait_until(lambda: len(marked(d, mark)) == 3 + ZYGOTE, 30)
     idle = marked(d, mark)
     stop(d)
     assert all(not os.path.exists(f"/proc/{pid}") for pid in idle)
@@ -646,7 +648,7 @@ def test_auto_warm_pool_follows_demand(mpd: Daemon, mark: str) -> None:
     ps = [ctx.Process(target=time.sleep, args=(3,)) for _ in range(2)]
     for q in ps:
         q.start()
-    want = min(2, os.cpu_count() or 1)
+    want = min(2, os.cpu_count() or 1) + ZYGOTE
     assert wait_until(lambda: len(marked(mpd, mark)) == want, 30)
     for q in ps:
         q.join(30)
@@ -747,10 +749,11 @@ def test_a_start_takes_the_booting_pool_process(mpd: Daemon, slow_boot: Path,
     assert len(marked(mpd, mark)) == 1  # and no cold process was started beside it
     (slow_boot / "release").touch()
     t.join(30)
-    assert p.pid == booting
     p.join(30)
     assert p.exitcode == 3
-    assert f"warm: handed booting {booting} " in mpd.log.read_text()
+    log = mpd.log.read_text()  # that process, or (CLONE_REFILLS) a copy of it once ready
+    assert (p.pid == booting and f"warm: handed booting {booting} " in log
+            or f"warm: handed a copy {p.pid} of {booting} " in log), log
 
 
 def test_a_pool_process_dying_mid_boot_falls_back_to_a_cold_start(
