@@ -299,21 +299,25 @@ class WarmPool:
 
     async def _copy_for_request(self, entry: Entry, sources: list[int],
                                 targets: tuple[int, ...]) -> int | None:
-        """Serve a request with a fresh copy of the entry's zygote: the handoff is queued
-        in the copy's control socket before the copy exists, so it takes it at once."""
+        """Serve a request with a fresh copy of the entry's zygote. The handoff follows
+        the zygote's report of the copy's pid (never before: a copy we could not name
+        must not run anyone's target); the copy is then waiting for it."""
         zygote = entry.zygote
         assert zygote is not None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = None
         try:
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             ours.setblocking(False)
-            theirs.setblocking(False)
-            if not self._hand_off(ours, sources, targets):  # bad fds raise SpawnError
-                return None
             pid = await self._ask_copy(entry, zygote, ours, theirs)
-            if pid is None:
-                return None
+            if pid is not None and not self._hand_off(ours, sources, targets):
+                _kill_unused(pid)  # it is gone already
+                pid = None
             return pid
+        except SpawnError:  # the request's fds: the copy never gets a request
+            if pid is not None:
+                _kill_unused(pid)
+            raise
         finally:
             ours.close()  # the copy still reads the handoff queued for it, then EOF
 
@@ -716,6 +720,12 @@ class WarmPool:
         victim = min(victims, key=lambda e: e.last_used)
         self._retire(victim.idle.popleft() if victim.idle else victim.drop_zygote())  # type: ignore[arg-type]
         return True
+
+
+def _kill_unused(pid: int) -> None:
+    """A copy that never got a request: our child, so SIGKILL and reap it (bounded)."""
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
 
 
 def _sender_pid(anc: list[tuple[int, int, bytes]]) -> int | None:

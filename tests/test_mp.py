@@ -773,3 +773,84 @@ def test_a_pool_process_dying_mid_boot_falls_back_to_a_cold_start(
     assert p.exitcode == 0
     assert f"warm: booting process {booting} died before taking a request" in (
         mpd.log.read_text())
+
+
+# -- copies of a ready process (pool.CLONE_REFILLS) ---------------------------------------
+
+def report_parent(q: multiprocessing.SimpleQueue) -> None:
+    q.put(os.getppid())
+
+
+def _ppid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("PPid:"):
+            return int(line.split()[1])
+    raise AssertionError(pid)
+
+
+def test_refills_are_copies_that_are_the_daemons_children(mpd: Daemon, mark: str) -> None:
+    """A refill clones a ready process (CLONE_PARENT): the copy is the daemon's child, so
+    the daemon reaps it and its exit status is exact, as for a booted one."""
+    ctx = mp.get_context(socket=mpd.path, warm=2, idle_timeout=60)
+    ctx.prewarm()
+    assert wait_until(lambda: len(marked(mpd, mark)) == 2 + ZYGOTE, 30)
+    pool = marked(mpd, mark)
+    log = mpd.log.read_text()
+    copies = {pid for pid in pool if f"warm: copied idle process {pid} from " in log}
+    assert len(copies) == 2, log
+    assert {_ppid(pid) for pid in pool} == {mpd.pid}
+    q = ctx.SimpleQueue()
+    p = ctx.Process(target=report_parent, args=(q,))
+    p.start()
+    assert p.pid in copies
+    assert q.get() == mpd.pid
+    p.join(30)
+    assert p.exitcode == 0
+    r = ctx.Process(target=sys.exit, args=(5,))
+    r.start()
+    r.join(30)
+    assert r.exitcode == 5
+    log = mpd.log.read_text()  # a ready copy, or a copy made for it
+    assert f"warm: handed idle {r.pid} " in log or f"warm: handed a copy {r.pid} " in log
+
+
+THREADED = """\
+import threading, time
+threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()
+"""
+
+
+def test_a_process_with_threads_is_not_copied(mpd: Daemon, mark: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like forkserver's, the copy is only safe of a single-threaded interpreter: with a
+    thread (started by a preload module) it refuses and the pool boots its refills."""
+    (tmp_path / f"spawnd_threaded_{mark}.py").write_text(THREADED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ctx = mp.get_context(socket=mpd.path, warm=2, preload=[f"spawnd_threaded_{mark}"])
+    ctx.prewarm()
+    assert wait_until(lambda: "refills boot instead" in mpd.log.read_text()
+                      and len(marked(mpd, mark)) == 2, 30)
+    pool = marked(mpd, mark)
+    p = ctx.Process(target=sys.exit, args=(4,))
+    p.start()
+    assert p.pid in pool
+    p.join(30)
+    assert p.exitcode == 4
+
+
+def test_terminate_right_after_a_warm_start_is_sigterm(mpd: Daemon, mark: str) -> None:
+    """Every start runs its process, even one handed out the moment it was copied: the
+    daemon closing its end with the copy's READY unread makes the copy's next read fail
+    once with ECONNRESET, ahead of the queued handoff (it used to exit 0, target unrun)."""
+    ctx = mp.get_context(socket=mpd.path, warm=2)
+    ctx.prewarm()
+    for _ in range(6):
+        ps = [ctx.Process(target=time.sleep, args=(60,)) for _ in range(5)]
+        for p in ps:
+            p.start()
+        time.sleep(0.001)
+        for p in ps:
+            p.terminate()
+        for p in ps:
+            p.join(30)
+        assert [p.exitcode for p in ps] == [-signal.SIGTERM] * 5

@@ -177,6 +177,11 @@ def _try_import(name: str) -> None:
         pass
 
 
+def _recv_handoff(sock: socket.socket) -> tuple[bytes, list[tuple[int, int, bytes]], int, Any]:
+    return sock.recvmsg(HANDOFF_HEADER.size + 4 * MAX_PASSED_FDS,
+                        socket.CMSG_SPACE(4 * MAX_PASSED_FDS), socket.MSG_CMSG_CLOEXEC)
+
+
 def _await_handoff(sock: socket.socket) -> None:
     """Block until the daemon hands this process a request's fds; install them.
 
@@ -186,9 +191,12 @@ def _await_handoff(sock: socket.socket) -> None:
         if not _pending(sock):
             sock.send(READY)
         while True:
-            msg, anc, flags, _ = sock.recvmsg(HANDOFF_HEADER.size + 4 * MAX_PASSED_FDS,
-                                              socket.CMSG_SPACE(4 * MAX_PASSED_FDS),
-                                              socket.MSG_CMSG_CLOEXEC)
+            try:
+                msg, anc, flags, _ = _recv_handoff(sock)
+            except ConnectionResetError:
+                # The daemon closed its end with something of ours unread (our READY):
+                # the kernel reports that once, ahead of the handoff still queued for us.
+                msg, anc, flags, _ = _recv_handoff(sock)
             if msg[:4] != CLONE_MAGIC:
                 break
             _copy_self(sock, fdpass.received_fds(anc))
@@ -252,9 +260,10 @@ def _copy_self(sock: socket.socket, fds: list[int]) -> None:
         os.dup2(new, sock.fileno())
         os.close(new)
         try:
-            sock.send(READY)
+            if not _pending(sock):  # copied for a request: its handoff is already queued
+                sock.send(READY)
         except OSError:
-            pass  # copied for a request: its handoff is queued, the daemon's end closed
+            pass  # the daemon's end is closed: a handoff queued before that still counts
         return
     try:
         if pid > 0:
