@@ -99,6 +99,9 @@ REFILL_PARALLEL = max(1, (os.cpu_count() or 1) // 2)
 #: CLONE_PARENT, in the pooled interpreter, never in the daemon; see _mp_boot._copy_self):
 #: ~1 ms instead of a 50-100 ms interpreter boot, so starts that outpace boots stay warm.
 #: False: every refill boots (posix_spawn), as a copy shares forkserver's caveats.
+#: Only for peers of the daemon's own uid (the per-user daemon): the copy's pid is the
+#: zygote's word, checked to be a child of ours, and a daemon serving other users must
+#: not let one name another's process (or one of its own twice) as a copy.
 CLONE_REFILLS = True
 CLONE_MAGIC = b"SPWC"
 CLONE_WAIT = 2.0  # a copy not reported by then: refill by posix_spawn instead
@@ -198,7 +201,8 @@ class WarmPool:
         if entry is None:
             entry = Entry(key=key, spec=self._entry_spec(spec), targets=targets, size=size,
                           idle_timeout=float(warm["idle_timeout"]), last_used=now, auto=auto,
-                          starts=1, peak=1 if auto else 0)
+                          starts=1, peak=1 if auto else 0,
+                          copies=CLONE_REFILLS and uid == os.geteuid())
             if (size > 0 or auto) and not self._stopping:
                 if len(self._entries) >= MAX_ENTRIES:
                     self._evict_lru()
