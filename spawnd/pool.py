@@ -16,8 +16,14 @@ The program imports what it likes, then blocks on that socket. The *handoff* is 
     b"SPWH" + uint32 n (little endian) + n int32 target fd numbers, with n fds (SCM_RIGHTS)
 
 The process ``dup2``s each fd onto its target (replacing the placeholder), closes the control
-socket and goes on as if it had been started with those fds. A request that finds no idle
-process starts a fresh one and hands off at once: one code path, warm or cold. The control
+socket and goes on as if it had been started with those fds. It also says two one-byte
+things on that socket: ``R`` when its imports are done and it waits (it is *ready*), ``A``
+once it has installed a handoff's fds (it *took* the request). A request takes, in order:
+a ready process (the reply goes at once); else the oldest still *booting* one (the fds are
+queued in its socket, it skips the rest of its preload and takes them; the reply waits for
+its ``A`` off the connection's reader; if it dies first the request goes on to the next
+choice); else a fresh process started *cold* with the handoff queued at once: one code
+path, warm or cold. The control
 socket is a socketpair: unlike CPython's forkserver socket (CVE-2022-42919; 3.14 added an
 HMAC for it) nobody else can ever connect to it, so there is nothing to authenticate.
 
@@ -27,6 +33,11 @@ timeout and at shutdown. On handoff it stops watching and returns the pid, and t
 registers the child in the ChildTable under the requesting connection like any other (the
 pid cannot be recycled before it is reaped, so ``pidfd_open`` there is race-free). Refills
 run in one task per key in the server's root nursery; the request path never waits for one.
+
+**No start is slower than a cold one.** An interpreter's boot is ~50-100 ms of CPU: a refill
+booting beside a request's boot would slow that request down, so refills (of every key)
+wait while any request's process is still booting (a cold start, or a booting process
+handed a request), and at most ``REFILL_PARALLEL`` refills boot at once.
 """
 
 from __future__ import annotations
@@ -78,10 +89,24 @@ MAX_ENTRIES = 64
 #: forgets after SHRINK_AFTER seconds without a start (the pool shrinks to the demand of
 #: the next burst), and idle_timeout without a start empties it.
 SHRINK_AFTER = 10.0
-#: After a start served cold, refills wait this long: a refill importing next to the cold
-#: process would make that start slower than a plain cold one. The miss also grows an auto
-#: pool by one (starts come faster than it refills), within the same bounds.
-COLD_BOOT = 0.25
+#: A request waits at most this long for the booting process it was handed to (then it
+#: gets that process anyway: its fds are queued in it), and a request's boot holds back
+#: refills at most this long (a ``__main__`` that hangs at import must not stop the pools).
+BOOT_WAIT = 5.0
+#: Refills booting at once, daemon-wide: one per two CPUs (the rest is the program's).
+REFILL_PARALLEL = max(1, (os.cpu_count() or 1) // 2)
+#: Refill by asking a ready process of the key for a copy of itself (``clone`` with
+#: CLONE_PARENT, in the pooled interpreter, never in the daemon; see _mp_boot._copy_self):
+#: ~1 ms instead of a 50-100 ms interpreter boot, so starts that outpace boots stay warm.
+#: False: every refill boots (posix_spawn), as a copy shares forkserver's caveats.
+#: Only for peers of the daemon's own uid (the per-user daemon): the copy's pid is the
+#: zygote's word, checked to be a child of ours, and a daemon serving other users must
+#: not let one name another's process (or one of its own twice) as a copy.
+CLONE_REFILLS = True
+CLONE_MAGIC = b"SPWC"
+CLONE_WAIT = 2.0  # a copy not reported by then: refill by posix_spawn instead
+READY = b"R"  # pooled process -> daemon: imports done, waiting for a handoff
+TOOK = b"A"  # pooled process -> daemon: a handoff's fds are in place
 TRACKED = 64  # handed-out pids remembered per key for the concurrency count
 
 Key = tuple[Any, ...]
@@ -90,11 +115,18 @@ Key = tuple[Any, ...]
 @dataclass(eq=False)
 class WarmProcess:
     pid: int
-    pidfd: int
+    pidfd: int  # -1: a cold start's process, which the ChildTable owns and reaps
     control: socket.socket
     entry: Entry
     handed_off: bool = False  # set when given to a request: the pool no longer owns it
     retired: bool = False  # killed on purpose (timeout, eviction, shutdown)
+    ready: bool = False  # said READY: imports done, waiting
+    took: bool = False  # said TOOK: a request's fds are in place
+    request: trio.Event | None = None  # set when a request handed to it while booting can go on
+    boot: str | None = None  # "idle" or "request" while it boots (see WarmPool._booting)
+    gone: bool = False  # its control socket reached EOF: it exited or is exiting
+    readied: trio.Event = field(default_factory=trio.Event)  # READY, or gone
+    boot_started: float = 0.0
 
 
 @dataclass(eq=False)
@@ -115,11 +147,24 @@ class Entry:
     starts: int = 0
     peak: int = 0
     running: deque[int] = field(default_factory=lambda: deque(maxlen=TRACKED))
-    refill_after: float = 0.0
+    #: A ready process kept back to be copied (CLONE_REFILLS): refills, and requests that
+    #: find no ready process, get a copy of it in ~1 ms. Counts against --pool-max.
+    zygote: WarmProcess | None = None
+    copies: bool = CLONE_REFILLS  # False once a copy was refused (threads): boot instead
+
+    @property
+    def count(self) -> int:
+        """Pooled processes the refills count: the zygote is kept *besides* ``size``."""
+        return len(self.idle)
+
+    def drop_zygote(self) -> WarmProcess | None:
+        z, self.zygote = self.zygote, None
+        return z
 
 
 class WarmPool:
-    """All warm pools of one daemon. ``take`` is synchronous: it never waits for a refill."""
+    """All warm pools of one daemon. ``take`` waits only for a process that is already
+    booting (never for a refill to start); its caller runs it off the connection's reader."""
 
     def __init__(self, nursery: trio.Nursery, max_idle: int = DEFAULT_POOL_MAX) -> None:
         self._nursery = nursery
@@ -128,17 +173,22 @@ class WarmPool:
         self._stopping = False
         # One /dev/null for every placeholder; O_CLOEXEC: only dup2 puts it in a child.
         self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        # Processes still importing, by kind ("idle": a refill nobody asked for yet,
+        # "request": one a request waits for). Refills go only when no request boots.
+        self._booting: dict[str, set[WarmProcess]] = {"idle": set(), "request": set()}
+        self._boots_changed = trio.Event()
 
     # -- introspection (logs, tests)
     @property
     def idle_count(self) -> int:
-        return sum(len(e.idle) for e in self._entries.values())
+        return sum(len(e.idle) + (e.zygote is not None) for e in self._entries.values())
 
     # -- the request path
-    def take(self, uid: int, gid: int, spec: SpawnSpec, grant: Any,
-             warm: dict[str, Any]) -> int:
-        """Start ``spec`` through the pool: hand an idle equivalent process the request's fds,
-        or start one and hand off at once. Returns the pid; raises SpawnError like spawn()."""
+    async def take(self, uid: int, gid: int, spec: SpawnSpec, grant: Any,
+                   warm: dict[str, Any]) -> int:
+        """Start ``spec`` through the pool: hand a ready equivalent process the request's
+        fds, else a booting one (waiting for it to take them), else start one and hand off
+        at once. Returns the pid; raises SpawnError like spawn()."""
         targets = tuple(t for _, t in spec.fd_map)
         sources = [s for s, _ in spec.fd_map]
         key = self._key(uid, gid, spec, grant, targets)
@@ -151,7 +201,8 @@ class WarmPool:
         if entry is None:
             entry = Entry(key=key, spec=self._entry_spec(spec), targets=targets, size=size,
                           idle_timeout=float(warm["idle_timeout"]), last_used=now, auto=auto,
-                          starts=1, peak=1 if auto else 0)
+                          starts=1, peak=1 if auto else 0,
+                          copies=CLONE_REFILLS and uid == os.geteuid())
             if (size > 0 or auto) and not self._stopping:
                 if len(self._entries) >= MAX_ENTRIES:
                     self._evict_lru()
@@ -162,25 +213,47 @@ class WarmPool:
             entry.idle_timeout = float(warm["idle_timeout"])
         entry.last_used = now
         entry.changed.set()  # the refill task re-checks size and deadline
-        while entry.idle:
-            proc = entry.idle.popleft()
+        while True:
+            proc = self._pick(entry, ready=True)
+            if proc is None and (zygote := entry.zygote) is not None:
+                pid = await self._copy_for_request(entry, sources, targets)
+                if pid is not None:
+                    entry.running.append(pid)
+                    log.debug("warm: handed a copy %d of %d to uid %d", pid, zygote.pid, uid)
+                    return pid
+                if entry.zygote is zygote:  # it failed us: not asked again
+                    self._retire(entry.drop_zygote())  # type: ignore[arg-type]
+                continue
+            if proc is None and entry.copies and (booting := self._first(entry)) is not None:
+                # It will be the zygote: wait for it to be ready, then get a copy of it,
+                # rather than take it (a pool whose every process is taken while it boots
+                # never gets a zygote, and every later start waits for a boot).
+                if await self._await_ready(booting):
+                    if booting.gone:
+                        log.info("warm: booting process %d died before taking a request",
+                                 booting.pid)
+                    continue
+            if proc is None:
+                proc = self._pick(entry, ready=False)
+            if proc is None:
+                break
             try:
                 given = self._hand_off(proc.control, sources, targets)
             except BaseException:  # the request's fds are bad: the process stays idle
                 entry.idle.appendleft(proc)
                 raise
-            if given:
-                self._release(proc)
-                entry.failures = 0
-                entry.running.append(proc.pid)
-                log.debug("warm: handed idle %d to uid %d", proc.pid, uid)
-                return proc.pid
-            self._retire(proc)  # it died or is dying; its watcher reaps it
-        entry.refill_after = now + COLD_BOOT
-        if auto and entry.starts > 1:
-            entry.peak += 1
-            entry.size = min(entry.peak, int(warm.get("size", 1)), os.cpu_count() or 1,
-                             self.max_idle)
+            if not given:
+                self._retire(proc)  # it died or is dying; its watcher reaps it
+                continue
+            if not proc.ready and not await self._await_took(proc):
+                log.info("warm: booting process %d died before taking a request", proc.pid)
+                continue
+            self._release(proc)
+            entry.failures = 0
+            entry.running.append(proc.pid)
+            log.debug("warm: handed %s %d to uid %d", "idle" if proc.ready else "booting",
+                      proc.pid, uid)
+            return proc.pid
         try:
             pid, control = self._spawn(entry.spec, targets)
         finally:
@@ -191,15 +264,85 @@ class WarmPool:
             if not given:
                 raise SpawnError(errno.EPIPE, spawner.STAGE_FDS)
         except BaseException:
+            control.close()
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)  # bounded: SIGKILL, and it is our child
             raise
-        finally:
-            control.close()
+        # Watched until it has booted (refills wait for that); the ChildTable reaps it.
+        cold = WarmProcess(pid=pid, pidfd=-1, control=control, entry=entry, handed_off=True)
+        self._set_boot(cold, "request")
+        self._nursery.start_soon(self._watch, cold)
         entry.running.append(pid)
         log.debug("warm: no idle process for uid %d; started %d cold (pool target %d)",
                   uid, pid, entry.size)
         return pid
+
+    @staticmethod
+    def _pick(entry: Entry, ready: bool) -> WarmProcess | None:
+        """The ready process that waited longest, or the booting one started first."""
+        for proc in entry.idle:
+            if (proc.ready or not ready) and not proc.gone:
+                entry.idle.remove(proc)
+                return proc
+        return None
+
+    @staticmethod
+    def _first(entry: Entry) -> WarmProcess | None:
+        """The booting process started first."""
+        return next((p for p in entry.idle if not (p.ready or p.gone)), None)
+
+    async def _await_ready(self, proc: WarmProcess) -> bool:
+        """Wait (BOOT_WAIT at most) until ``proc`` is ready or gone; False on timeout."""
+        if proc.boot == "idle":
+            self._set_boot(proc, "request")  # a request waits on this boot: no refills
+        log.debug("warm: a request waits for booting process %d", proc.pid)
+        with trio.move_on_after(BOOT_WAIT):
+            await proc.readied.wait()
+            return True
+        return False
+
+    async def _copy_for_request(self, entry: Entry, sources: list[int],
+                                targets: tuple[int, ...]) -> int | None:
+        """Serve a request with a fresh copy of the entry's zygote. The handoff follows
+        the zygote's report of the copy's pid (never before: a copy we could not name
+        must not run anyone's target); the copy is then waiting for it."""
+        zygote = entry.zygote
+        assert zygote is not None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = None
+        try:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            ours.setblocking(False)
+            pid = await self._ask_copy(entry, zygote, ours, theirs)
+            if pid is not None and not self._hand_off(ours, sources, targets):
+                _kill_unused(pid)  # it is gone already
+                pid = None
+            return pid
+        except SpawnError:  # the request's fds: the copy never gets a request
+            if pid is not None:
+                _kill_unused(pid)
+            raise
+        finally:
+            ours.close()  # the copy still reads the handoff queued for it, then EOF
+
+    async def _await_took(self, proc: WarmProcess) -> bool:
+        """A booting process holds the request's fds: wait (BOOT_WAIT at most) for it to
+        take them. False if it died first (the request then goes on to another process)."""
+        self._set_boot(proc, "request")
+        proc.request = trio.Event()
+        log.debug("warm: a request waits for booting process %d", proc.pid)
+        try:
+            with trio.move_on_after(BOOT_WAIT) as timeout:
+                await proc.request.wait()
+        except BaseException:  # cancelled (shutdown): it holds fds for nobody now
+            if not proc.took:
+                self._retire(proc)
+            raise
+        if timeout.cancelled_caught:
+            log.warning("warm: process %d still booting after %.0fs; handing it over anyway",
+                        proc.pid, BOOT_WAIT)
+            return True
+        return proc.took
 
     def _auto_size(self, entry: Entry | None, cap: int, now: float) -> int:
         """The pool target for an ``auto`` key at this start (see SHRINK_AFTER)."""
@@ -218,6 +361,8 @@ class WarmPool:
         for entry in list(self._entries.values()):
             while entry.idle:
                 self._retire(entry.idle.popleft())
+            if (z := entry.drop_zygote()) is not None:
+                self._retire(z)
             if entry.scope is not None:
                 entry.scope.cancel()
 
@@ -294,31 +439,86 @@ class WarmPool:
     def _release(self, proc: WarmProcess) -> None:
         """The process now belongs to a request: stop watching it, keep no fd of it."""
         proc.handed_off = True
+        self._set_boot(proc, None)
+        trio.lowlevel.notify_closing(proc.control)  # wakes its watcher, which then returns
         proc.control.close()
-        trio.lowlevel.notify_closing(proc.pidfd)  # wakes its watcher, which then returns
         os.close(proc.pidfd)
         proc.pidfd = -1
 
     def _retire(self, proc: WarmProcess) -> None:
-        """Kill an idle process on purpose (already removed from its entry's idle list)."""
+        """Kill a pooled process on purpose (already removed from its entry's idle list)."""
         proc.retired = True
+        self._set_boot(proc, None)
+        trio.lowlevel.notify_closing(proc.control)  # its watcher goes on to reap it
         proc.control.close()  # EOF alone makes it exit; SIGKILL makes it prompt
         try:
             signal.pidfd_send_signal(proc.pidfd, signal.SIGKILL)
         except ProcessLookupError:
             pass
 
+    def _set_boot(self, proc: WarmProcess, kind: str | None) -> None:
+        """Move ``proc`` between the boot budgets; a boot that ends wakes the refills."""
+        if proc.boot is not None:
+            self._booting[proc.boot].discard(proc)
+            self._boots_changed.set()
+            self._boots_changed = trio.Event()
+        proc.boot = kind
+        if kind is not None:
+            proc.boot_started = trio.current_time()
+            self._booting[kind].add(proc)
+
+    def _refill_wait(self) -> float:
+        """0 if a refill may boot now; else how long until the gate must be re-checked."""
+        now = trio.current_time()
+        requests = [p.boot_started + BOOT_WAIT - now for p in self._booting["request"]]
+        requests = [t for t in requests if t > 0]  # a boot past BOOT_WAIT holds nothing back
+        if requests:
+            return min(requests)
+        if len(self._booting["idle"]) >= REFILL_PARALLEL:
+            return BOOT_WAIT
+        return 0.0
+
     async def _watch(self, proc: WarmProcess) -> None:
-        if proc.handed_off:  # handed off before this task first ran: its pidfd is gone
-            return
+        """Read what the process says (READY, TOOK), then reap it if it dies in the pool."""
         try:
-            await trio.lowlevel.wait_readable(proc.pidfd)
+            while not (proc.control.fileno() < 0 or proc.took):
+                try:
+                    await trio.lowlevel.wait_readable(proc.control)
+                except trio.ClosedResourceError:
+                    break  # released (no longer ours) or retired (reaped below)
+                try:
+                    msg = proc.control.recv(16)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    msg = b""
+                if not msg:  # EOF: it exited or is exiting
+                    break
+                if TOOK in msg:
+                    proc.took = True
+                    self._set_boot(proc, None)
+                elif READY in msg and not proc.ready:
+                    proc.ready = True
+                    self._set_boot(proc, None)
+                    if proc in proc.entry.idle and proc.entry.zygote is None:
+                        self._designate_zygote(proc.entry)
+                        proc.entry.changed.set()  # refill the one kept back
+                    proc.readied.set()  # requests waiting for it to be ready go on
+            self._set_boot(proc, None)
+            if not (proc.took or proc.handed_off):
+                proc.gone = True
+                proc.readied.set()
+            if proc.request is not None:
+                proc.request.set()  # TOOK, or it died: the request it holds goes on
+            if proc.handed_off or proc.took:
+                return  # a cold start's process, or one a request now owns
+            await trio.lowlevel.wait_readable(proc.pidfd)  # bounded: it is exiting
         except trio.ClosedResourceError:
-            if proc.handed_off:
-                return
-            raise
+            return  # released while we waited
         finally:
-            if not proc.handed_off:
+            if proc.pidfd == -1 and proc.control.fileno() >= 0:
+                proc.control.close()  # a cold process after its boot
+            elif not proc.handed_off and not proc.took and proc.pidfd >= 0:
                 self._reap(proc)
 
     def _reap(self, proc: WarmProcess) -> None:
@@ -332,9 +532,11 @@ class WarmPool:
         entry = proc.entry
         if proc in entry.idle:
             entry.idle.remove(proc)
+        if entry.zygote is proc:
+            entry.drop_zygote()
         if not proc.retired:
             entry.failures += 1
-            log.warning("warm: idle process %d died (status %d, code %d); %d in a row",
+            log.warning("warm: pooled process %d died (status %d, code %d); %d in a row",
                         proc.pid, info.si_status, info.si_code, entry.failures)
             entry.changed.set()
         else:
@@ -353,17 +555,18 @@ class WarmPool:
                         break
                     with trio.move_on_at(deadline):
                         await entry.changed.wait()
-                        await trio.sleep(max(REFILL_DELAY,
-                                             entry.refill_after - trio.current_time()))
+                        await trio.sleep(REFILL_DELAY)
         finally:
             if self._entries.get(entry.key) is entry:
                 del self._entries[entry.key]
             while entry.idle:
                 self._retire(entry.idle.popleft())
+            if (z := entry.drop_zygote()) is not None:
+                self._retire(z)
             self._close_entry(entry)
 
     async def _refill(self, entry: Entry) -> None:
-        while (len(entry.idle) < entry.size and not self._stopping
+        while (entry.count < entry.size and not self._stopping
                and self._entries.get(entry.key) is entry):
             if entry.failures >= MAX_FAILURES:
                 if entry.failures == MAX_FAILURES:
@@ -373,10 +576,26 @@ class WarmPool:
                 return
             if entry.failures:
                 await trio.sleep(min(BACKOFF_FIRST * 2 ** (entry.failures - 1), BACKOFF_MAX))
-                if len(entry.idle) >= entry.size or self._stopping:
+                if entry.count >= entry.size or self._stopping:
                     return
+            while (wait := self._refill_wait()) > 0:  # no refill beside a request's boot
+                with trio.move_on_after(wait):
+                    await self._boots_changed.wait()
+            if entry.count >= entry.size or self._stopping:
+                return
             if not self._make_room(entry):
                 return
+            self._designate_zygote(entry)
+            zygote = entry.zygote
+            if zygote is not None:
+                copy = await self._copy(entry, zygote)
+                if copy is not None:
+                    entry.idle.append(copy)
+                    self._nursery.start_soon(self._watch, copy)
+                    log.debug("warm: copied idle process %d from %d (%d/%d)", copy.pid,
+                              zygote.pid, entry.count, entry.size)
+                    await trio.sleep(0)
+                    continue
             try:
                 pid, control = self._spawn(entry.spec, entry.targets)
             except OSError as e:
@@ -391,16 +610,106 @@ class WarmPool:
                 os.waitpid(pid, 0)
                 raise
             proc = WarmProcess(pid=pid, pidfd=pidfd, control=control, entry=entry)
+            self._set_boot(proc, "idle")
             entry.idle.append(proc)
             self._nursery.start_soon(self._watch, proc)
-            log.debug("warm: started idle process %d (%d/%d)", pid, len(entry.idle), entry.size)
+            log.debug("warm: started idle process %d (%d/%d)", pid, entry.count, entry.size)
             await trio.sleep(0)  # one spawn per turn of the loop: requests go first
+
+    async def _copy(self, entry: Entry, zygote: WarmProcess) -> WarmProcess | None:
+        """A ready copy of ``zygote`` for the pool (see CLONE_REFILLS), or None."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            ours.setblocking(False)
+            pid = await self._ask_copy(entry, zygote, ours, theirs)
+            if pid is None:
+                return None
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 0)
+            pidfd = os.pidfd_open(pid)  # our child, checked by _ask_copy: cannot fail
+        except BaseException:
+            ours.close()
+            raise
+        return WarmProcess(pid=pid, pidfd=pidfd, control=ours, entry=entry, ready=True)
+
+    async def _ask_copy(self, entry: Entry, zygote: WarmProcess, ours: socket.socket,
+                        theirs: socket.socket) -> int | None:
+        """Have ``zygote`` copy itself with ``theirs`` as the copy's control socket; the
+        copy's pid, or None (and the entry stops copying if the zygote refused).
+
+        The zygote answers on the new socket ``C`` + the copy's pid; that message's
+        SCM_CREDENTIALS (SO_PASSCRED on ``ours``: the kernel's word, not the sender's) must
+        name the zygote, which is our child, and the copy must be our child too."""
+        try:
+            zygote.control.sendmsg([CLONE_MAGIC], fdpass.ancillary([theirs.fileno()]))
+        except OSError:
+            if entry.zygote is zygote:  # gone: its watcher reaps it
+                entry.drop_zygote()
+            return None
+        finally:
+            theirs.close()
+        pid = await self._copy_report(ours, zygote.pid)
+        if pid is None:
+            if entry.zygote is zygote and zygote.control.fileno() >= 0:
+                log.info("warm: process %d did not copy itself; refills boot instead",
+                         zygote.pid)
+                entry.copies = False
+                entry.idle.appendleft(entry.drop_zygote())  # type: ignore[arg-type]
+            return None
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            pidfd = -1
+        try:  # our child (CLONE_PARENT), alive or a zombie: WNOWAIT only looks
+            if pidfd < 0:
+                raise ChildProcessError
+            os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            log.warning("warm: process %d reported a copy %d that is not our child",
+                        zygote.pid, pid)
+            entry.copies = False
+            if entry.zygote is zygote:
+                self._retire(entry.drop_zygote())  # type: ignore[arg-type]
+            return None
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+        return pid
+
+    @staticmethod
+    async def _copy_report(ours: socket.socket, zygote: int) -> int | None:
+        """The copy's pid as its zygote reports it (a READY from the copy may come first)."""
+        with trio.move_on_after(CLONE_WAIT):
+            while True:
+                await trio.lowlevel.wait_readable(ours)
+                try:
+                    msg, anc, _, _ = ours.recvmsg(16, socket.CMSG_SPACE(12))
+                except BlockingIOError:
+                    continue
+                if not msg:
+                    break  # the zygote refused (threads) or died, and there is no copy
+                if msg[:1] == b"C" and len(msg) == 5 and _sender_pid(anc) == zygote:
+                    return struct.unpack("<i", msg[1:])[0]
+        return None
+
+    @staticmethod
+    def _designate_zygote(entry: Entry) -> None:
+        """Keep a ready process back as the entry's zygote, if it copies and has none."""
+        if entry.copies and entry.zygote is None:
+            for proc in entry.idle:
+                if proc.ready:
+                    entry.idle.remove(proc)
+                    entry.zygote = proc
+                    log.debug("warm: idle process %d is the pool's zygote", proc.pid)
+                    return
 
     def _evict_lru(self) -> None:
         victim = min(self._entries.values(), key=lambda e: e.last_used)
         del self._entries[victim.key]  # its task ends at its next checkpoint and cleans up
         while victim.idle:
             self._retire(victim.idle.popleft())
+        if (z := victim.drop_zygote()) is not None:
+            self._retire(z)
         if victim.scope is not None:
             victim.scope.cancel()
 
@@ -409,12 +718,25 @@ class WarmPool:
         if self.idle_count < self.max_idle:
             return True
         victims = [e for e in self._entries.values()
-                   if e is not entry and e.idle and e.last_used < entry.last_used]
+                   if e is not entry and (e.idle or e.zygote) and e.last_used < entry.last_used]
         if not victims:
             return False
         victim = min(victims, key=lambda e: e.last_used)
-        self._retire(victim.idle.popleft())
+        self._retire(victim.idle.popleft() if victim.idle else victim.drop_zygote())  # type: ignore[arg-type]
         return True
+
+
+def _kill_unused(pid: int) -> None:
+    """A copy that never got a request: our child, so SIGKILL and reap it (bounded)."""
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+def _sender_pid(anc: list[tuple[int, int, bytes]]) -> int | None:
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= 12:
+            return struct.unpack_from("<i", data)[0]
+    return None
 
 
 def _alive(pid: int) -> bool:

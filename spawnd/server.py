@@ -453,6 +453,7 @@ class ConnectionHandler:
         self.outbox_send, self.outbox = trio.open_memory_channel[tuple[bytes, list[int]]](
             float("inf"))
         self.scope = trio.CancelScope()
+        self._requests: trio.Nursery | None = None  # set by run(): see _dispatch
         # A second handle on the same fd, for synchronous non-blocking sends: made and
         # detached (never closed: trio's socket owns the fd) by run().
         self._raw: socket.socket | None = None
@@ -514,6 +515,7 @@ class ConnectionHandler:
             with self.scope:
                 self.peer = peer_of(self.sock)
                 async with trio.open_nursery() as n:
+                    self._requests = n  # warm starts that wait for a booting process
                     n.start_soon(self._writer)
                     await self._reader()
                     self.outbox_send.close()
@@ -604,10 +606,12 @@ class ConnectionHandler:
                         continue
                     if ev is None:
                         break
+                    handed_off = False
                     try:
-                        await self._dispatch(ev)
+                        handed_off = await self._dispatch(ev)
                     finally:  # whatever happened in the handler, the request's fds are done
-                        _close_all(getattr(ev, "fds_received", ()))
+                        if not handed_off:  # (else the task it started owns them)
+                            _close_all(getattr(ev, "fds_received", ()))
             except trio.TooSlowError:
                 what = "hello" if self.proto.their_hello is None else "the rest of a message"
                 self.send(P.Error(id=None, errno=errno.ETIMEDOUT, name="ETIMEDOUT",
@@ -636,7 +640,13 @@ class ConnectionHandler:
         self.send(P.error_for(e, e.request_id, e.stage))
 
     # -- requests
-    async def _dispatch(self, ev: P.Event) -> None:
+    async def _dispatch(self, ev: P.Event) -> bool:
+        """Handle one request; True when a task it started now owns the request's fds."""
+        if isinstance(ev, P.Spawn) and ev.warm is not None and self._requests is not None:
+            # A warm start may wait for a pooled process that is still booting
+            # (spawnd/pool.py): not on the reader, so the connection's next requests go on.
+            self._requests.start_soon(self._dispatch_warm, ev)
+            return True
         if isinstance(ev, P.Spawn):
             await self._spawn(ev)
         elif isinstance(ev, P.Signal):
@@ -648,6 +658,13 @@ class ConnectionHandler:
             self.send(P.Pong(id=ev.id, pid=os.getpid(), children=len(self.server.children),
                              connections=len(self.server.connections),
                              exec_helper=privileged.helper().describe()))
+        return False
+
+    async def _dispatch_warm(self, req: P.Spawn) -> None:
+        try:
+            await self._spawn(req)
+        finally:
+            _close_all(req.fds_received)
 
     async def _spawn(self, req: P.Spawn) -> None:
         assert self.peer is not None
@@ -743,7 +760,8 @@ class ConnectionHandler:
                 # multiprocessing warm pool (spawnd/pool.py): an idle equivalent process, or a
                 # fresh one, gets the request's fds by handoff; the caller registers the pid.
                 spec = pool_spec(spec)  # issue 11: pools key on, and refill in, a cwd path
-                return self.server.pool.take(self.peer.uid, self.peer.gid, spec, grant, req.warm)
+                return await self.server.pool.take(self.peer.uid, self.peer.gid, spec, grant,
+                                                   req.warm)
             if privileged.needs_helper(spec, grant):
                 return await privileged.spawn_privileged(spec, grant)
             return spawner.spawn(spec)

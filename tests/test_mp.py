@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Iterator
 from multiprocessing import connection, shared_memory
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Daemon, children_of, start_daemon, wait_until
@@ -422,10 +423,14 @@ def mark(monkeypatch: pytest.MonkeyPatch) -> str:
     return value
 
 
+#: Besides its ``warm`` ready processes a pool keeps one it copies them from (pool.py).
+ZYGOTE = 1
+
+
 def test_warm_start_is_served_by_a_prestarted_process(mpd: Daemon, mark: str) -> None:
     ctx = mp.get_context(socket=mpd.path, warm=2, idle_timeout=60)
     ctx.prewarm()  # a cold start through the handoff; the daemon fills the pool
-    assert wait_until(lambda: len(marked(mpd, mark)) == 2, 30)
+    assert wait_until(lambda: len(marked(mpd, mark)) == 2 + ZYGOTE, 30)
     idle = marked(mpd, mark)
     q = ctx.SimpleQueue()
     p = ctx.Process(target=report_start_method, args=(q,), name="warm-one")
@@ -435,7 +440,7 @@ def test_warm_start_is_served_by_a_prestarted_process(mpd: Daemon, mark: str) ->
     p.join(30)
     assert p.exitcode == 0
     assert f"warm: handed idle {p.pid} " in mpd.log.read_text()
-    assert wait_until(lambda: len(marked(mpd, mark)) == 2, 30)  # refilled in the background
+    assert wait_until(lambda: len(marked(mpd, mark)) == 2 + ZYGOTE, 30)  # refilled
     assert p.pid not in marked(mpd, mark)
 
 
@@ -443,7 +448,7 @@ def test_warm_pool_keys_differ_with_env(mpd: Daemon, mark: str,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     ctx = mp.get_context(socket=mpd.path, warm=1, idle_timeout=60)
     ctx.prewarm()
-    assert wait_until(lambda: len(marked(mpd, mark)) == 1, 30)
+    assert wait_until(lambda: len(marked(mpd, mark)) == 1 + ZYGOTE, 30)
     first_pool = marked(mpd, mark)
     monkeypatch.setenv("SPAWND_TEST_OTHER", "1")  # same context, different environment
     p = ctx.Process(target=time.sleep, args=(0,))
@@ -461,7 +466,7 @@ def test_warm_pool_keys_differ_with_env(mpd: Daemon, mark: str,
 def test_warm_pool_idle_timeout_empties_it(mpd: Daemon, mark: str) -> None:
     ctx = mp.get_context(socket=mpd.path, warm=2, idle_timeout=1.0)
     ctx.prewarm()
-    assert wait_until(lambda: len(marked(mpd, mark)) == 2, 30)
+    assert wait_until(lambda: len(marked(mpd, mark)) == 2 + ZYGOTE, 30)
     assert wait_until(lambda: not marked(mpd, mark), 15)
 
 
@@ -511,7 +516,7 @@ def test_daemon_stop_reaps_idle_warm_processes(tmp_path: Path, mark: str) -> Non
     d = start_daemon(tmp_path, "--stop-grace", "1")
     ctx = mp.get_context(socket=d.path, warm=3)
     ctx.prewarm()
-    assert wait_until(lambda: len(marked(d, mark)) == 3, 30)
+    assert wait_until(lambda: len(marked(d, mark)) == 3 + ZYGOTE, 30)
     idle = marked(d, mark)
     stop(d)
     assert all(not os.path.exists(f"/proc/{pid}") for pid in idle)
@@ -643,7 +648,7 @@ def test_auto_warm_pool_follows_demand(mpd: Daemon, mark: str) -> None:
     ps = [ctx.Process(target=time.sleep, args=(3,)) for _ in range(2)]
     for q in ps:
         q.start()
-    want = min(2, os.cpu_count() or 1)
+    want = min(2, os.cpu_count() or 1) + ZYGOTE
     assert wait_until(lambda: len(marked(mpd, mark)) == want, 30)
     for q in ps:
         q.join(30)
@@ -658,3 +663,194 @@ def test_auto_warm_pool_follows_demand(mpd: Daemon, mark: str) -> None:
         z.start()
         z.join(30)
     assert len(marked(mpd, mark)) == want  # warm=0 made no pool of its own
+
+
+# -- the auto sizing rule and the booting handoff (spawnd/pool.py) ------------------------
+
+def _idle(d: Daemon, mark: str, busy: set[int]) -> set[int]:
+    """Pooled processes of ``mark`` that no request has (yet)."""
+    return marked(d, mark) - busy
+
+
+def test_auto_pool_is_bounded_by_pool_max_and_empties_when_idle(tmp_path: Path,
+                                                                 mark: str) -> None:
+    """A burst of 3 grows an auto pool to min(3, CPUs, --pool-max); idle_timeout empties it."""
+    d = start_daemon(tmp_path, "--pool-max", "1", "--stop-grace", "1")
+    try:
+        ctx = mp.get_context(socket=d.path, idle_timeout=2.0)
+        first = ctx.Process(target=time.sleep, args=(0,))
+        first.start()
+        first.join(30)
+        assert first.exitcode == 0
+        assert wait_until(lambda: "warm: no idle process" in d.log.read_text(), 10)
+        assert not marked(d, mark)  # a program that started one process: no pool
+        ps = [ctx.Process(target=time.sleep, args=(2,)) for _ in range(3)]
+        for p in ps:
+            p.start()
+        busy = {p.pid for p in ps}
+        want = min(3, os.cpu_count() or 1, 1)
+        assert wait_until(lambda: len(_idle(d, mark, busy)) == want, 30)
+        time.sleep(0.5)  # a pool over its bounds would show by now
+        assert len(_idle(d, mark, busy)) == want
+        for p in ps:
+            p.join(30)
+            assert p.exitcode == 0
+        assert wait_until(lambda: not marked(d, mark), 30)  # idle_timeout: emptied
+    finally:
+        stop(d)
+
+
+BLOCKER = """\
+import os, time
+open(os.environ["SPAWND_TEST_BOOTING"] + "." + str(os.getpid()), "w").close()
+deadline = time.monotonic() + 60
+while not os.path.exists(os.environ["SPAWND_TEST_RELEASE"]) and time.monotonic() < deadline:
+    time.sleep(0.01)
+"""
+
+
+@pytest.fixture
+def slow_boot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mark: str) -> Path:
+    """A preload module that keeps a pooled process booting until ``release`` exists."""
+    mod = tmp_path / f"spawnd_blocker_{mark}.py"
+    mod.write_text(BLOCKER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("SPAWND_TEST_BOOTING", str(tmp_path / "booting"))
+    monkeypatch.setenv("SPAWND_TEST_RELEASE", str(tmp_path / "release"))
+    return tmp_path
+
+
+def _booting_pool_process(mpd: Daemon, slow_boot: Path, mark: str) -> tuple[Any, int]:
+    """A warm=1 context whose one pooled process is stuck in its preload."""
+    ctx = mp.get_context(socket=mpd.path, warm=1, preload=[f"spawnd_blocker_{mark}"])
+    ctx.prewarm()  # cold: it has its request at once, so it skips the (blocking) preload
+    assert wait_until(lambda: list(slow_boot.glob("booting.*")), 30)
+    (pid,) = [int(p.suffix[1:]) for p in slow_boot.glob("booting.*")]
+    assert pid in marked(mpd, mark)
+    return ctx, pid
+
+
+def _start_in_thread(p: Any) -> threading.Thread:
+    t = threading.Thread(target=p.start)
+    t.start()
+    return t
+
+
+def test_a_start_takes_the_booting_pool_process(mpd: Daemon, slow_boot: Path,
+                                                mark: str) -> None:
+    """No ready process but one booting: the request waits for it instead of a cold start
+    of its own (which would compete with it for the CPUs)."""
+    ctx, booting = _booting_pool_process(mpd, slow_boot, mark)
+    p = ctx.Process(target=sys.exit, args=(3,))
+    t = _start_in_thread(p)
+    assert wait_until(lambda: f"warm: a request waits for booting process {booting}\n"
+                      in mpd.log.read_text(), 10)
+    assert t.is_alive()  # the reply waits for the booting process to take the request
+    assert len(marked(mpd, mark)) == 1  # and no cold process was started beside it
+    (slow_boot / "release").touch()
+    t.join(30)
+    p.join(30)
+    assert p.exitcode == 3
+    log = mpd.log.read_text()  # that process, or (CLONE_REFILLS) a copy of it once ready
+    assert (p.pid == booting and f"warm: handed booting {booting} " in log
+            or f"warm: handed a copy {p.pid} of {booting} " in log), log
+
+
+def test_a_pool_process_dying_mid_boot_falls_back_to_a_cold_start(
+        mpd: Daemon, slow_boot: Path, mark: str) -> None:
+    ctx, booting = _booting_pool_process(mpd, slow_boot, mark)
+    q = ctx.SimpleQueue()
+    p = ctx.Process(target=report_start_method, args=(q,), name="after-death")
+    t = _start_in_thread(p)
+    assert wait_until(lambda: f"warm: a request waits for booting process {booting}\n"
+                      in mpd.log.read_text(), 10)
+    os.kill(booting, signal.SIGKILL)  # the daemon's child: it reaps it
+    (slow_boot / "release").touch()  # a refill after the death must not block the test
+    t.join(30)
+    assert p.pid is not None and p.pid != booting
+    assert q.get() == ("spawnd", "after-death")
+    p.join(30)
+    assert p.exitcode == 0
+    assert f"warm: booting process {booting} died before taking a request" in (
+        mpd.log.read_text())
+
+
+# -- copies of a ready process (pool.CLONE_REFILLS) ---------------------------------------
+
+def report_parent(q: multiprocessing.SimpleQueue) -> None:
+    q.put(os.getppid())
+
+
+def _ppid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("PPid:"):
+            return int(line.split()[1])
+    raise AssertionError(pid)
+
+
+def test_refills_are_copies_that_are_the_daemons_children(mpd: Daemon, mark: str) -> None:
+    """A refill clones a ready process (CLONE_PARENT): the copy is the daemon's child, so
+    the daemon reaps it and its exit status is exact, as for a booted one."""
+    ctx = mp.get_context(socket=mpd.path, warm=2, idle_timeout=60)
+    ctx.prewarm()
+    assert wait_until(lambda: len(marked(mpd, mark)) == 2 + ZYGOTE, 30)
+    pool = marked(mpd, mark)
+    log = mpd.log.read_text()
+    copies = {pid for pid in pool if f"warm: copied idle process {pid} from " in log}
+    assert len(copies) == 2, log
+    assert {_ppid(pid) for pid in pool} == {mpd.pid}
+    q = ctx.SimpleQueue()
+    p = ctx.Process(target=report_parent, args=(q,))
+    p.start()
+    assert p.pid in copies
+    assert q.get() == mpd.pid
+    p.join(30)
+    assert p.exitcode == 0
+    r = ctx.Process(target=sys.exit, args=(5,))
+    r.start()
+    r.join(30)
+    assert r.exitcode == 5
+    log = mpd.log.read_text()  # a ready copy, or a copy made for it
+    assert f"warm: handed idle {r.pid} " in log or f"warm: handed a copy {r.pid} " in log
+
+
+THREADED = """\
+import threading, time
+threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()
+"""
+
+
+def test_a_process_with_threads_is_not_copied(mpd: Daemon, mark: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like forkserver's, the copy is only safe of a single-threaded interpreter: with a
+    thread (started by a preload module) it refuses and the pool boots its refills."""
+    (tmp_path / f"spawnd_threaded_{mark}.py").write_text(THREADED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ctx = mp.get_context(socket=mpd.path, warm=2, preload=[f"spawnd_threaded_{mark}"])
+    ctx.prewarm()
+    assert wait_until(lambda: "refills boot instead" in mpd.log.read_text()
+                      and len(marked(mpd, mark)) == 2, 30)
+    pool = marked(mpd, mark)
+    p = ctx.Process(target=sys.exit, args=(4,))
+    p.start()
+    assert p.pid in pool
+    p.join(30)
+    assert p.exitcode == 4
+
+
+def test_terminate_right_after_a_warm_start_is_sigterm(mpd: Daemon, mark: str) -> None:
+    """Every start runs its process, even one handed out the moment it was copied: the
+    daemon closing its end with the copy's READY unread makes the copy's next read fail
+    once with ECONNRESET, ahead of the queued handoff (it used to exit 0, target unrun)."""
+    ctx = mp.get_context(socket=mpd.path, warm=2)
+    ctx.prewarm()
+    for _ in range(6):
+        ps = [ctx.Process(target=time.sleep, args=(60,)) for _ in range(5)]
+        for p in ps:
+            p.start()
+        time.sleep(0.001)
+        for p in ps:
+            p.terminate()
+        for p in ps:
+            p.join(30)
+        assert [p.exitcode for p in ps] == [-signal.SIGTERM] * 5

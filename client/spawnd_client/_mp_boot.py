@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import struct
 import sys
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NoReturn
 
 from spawnd import fdpass
@@ -42,6 +43,9 @@ WARM_FD_ENV = "SPAWND_WARM_FD"
 #: Handoff from the daemon (mirrors spawnd/pool.py): magic, n, then n int32 target fds.
 HANDOFF_MAGIC = b"SPWH"
 HANDOFF_HEADER = struct.Struct("<4sI")
+READY = b"R"  # to the daemon: imports done, waiting for a handoff
+TOOK = b"A"  # to the daemon: the handoff's fds are in place
+CLONE_MAGIC = b"SPWC"  # from the daemon, with one fd: make a copy of yourself (_copy_self)
 #: First bytes on PAYLOAD_FD from the parent: magic and how many fds come with them.
 PAYLOAD_MAGIC = b"SPMP"
 PAYLOAD_HEADER = struct.Struct("<4sI")
@@ -100,10 +104,11 @@ def main(options: dict[str, Any]) -> NoReturn:
     _setup_child(options)
     ctl = os.environ.pop(WARM_FD_ENV, None)
     if ctl is not None:
+        sock = socket.socket(fileno=int(ctl))
         prep = options.get("prep")
         if prep is not None:
-            _preload(prep, options.get("preload", ()))
-        _await_handoff(int(ctl))
+            _preload(prep, options.get("preload", ()), lambda: _pending(sock))
+        _await_handoff(sock)
     _inherited[:] = _receive_fds(PAYLOAD_FD)
     from multiprocessing import resource_tracker, spawn
 
@@ -121,24 +126,34 @@ def is_open(fd: int) -> bool:
     return True
 
 
-def _preload(prep: Mapping[str, Any], modules: Iterable[str]) -> None:
+def _pending(sock: socket.socket) -> bool:
+    """A request (or EOF) is already waiting: stop preloading, go and serve it."""
+    p = select.poll()
+    p.register(sock, select.POLLIN)
+    return bool(p.poll(0))
+
+
+def _preload(prep: Mapping[str, Any], modules: Iterable[str],
+             pending: Callable[[], bool] = lambda: False) -> None:
     """Import what a child of this parent will need, as ``prepare()`` would, ahead of time.
 
     Errors are swallowed: ``prepare()`` repeats the main-module import after the handoff,
     where a failure reaches the real stderr and exit status as it would with ``spawn``.
+    Stops as soon as ``pending()``: a process handed a request while it boots (or started
+    for one) then costs what a cold start costs, not the imports its target may not need.
     """
     from multiprocessing import process, spawn
 
+    if pending():
+        return
     if "sys_path" in prep:
         sys.path[:] = prep["sys_path"]
     if "sys_argv" in prep:
         sys.argv[:] = prep["sys_argv"]
     if "orig_dir" in prep:
         process.ORIGINAL_DIR = prep["orig_dir"]
-    for name in ALWAYS_PRELOAD:
-        _try_import(name)
     modules = list(modules)
-    if "__main__" in modules:
+    if "__main__" in modules:  # first: prepare() needs it anyway, the rest only may
         current = process.current_process()
         current._inheriting = True  # type: ignore[attr-defined]  # main must not start processes
         try:
@@ -150,8 +165,8 @@ def _preload(prep: Mapping[str, Any], modules: Iterable[str]) -> None:
             pass
         finally:
             del current._inheriting  # type: ignore[attr-defined]
-    for name in modules:
-        if name != "__main__":
+    for name in (*ALWAYS_PRELOAD, *modules):
+        if name != "__main__" and not pending():
             _try_import(name)
 
 
@@ -162,15 +177,31 @@ def _try_import(name: str) -> None:
         pass
 
 
-def _await_handoff(ctl: int) -> None:
-    """Block until the daemon hands this process a request's fds; install them."""
-    sock = socket.socket(fileno=ctl)
+def _recv_handoff(sock: socket.socket) -> tuple[bytes, list[tuple[int, int, bytes]], int, Any]:
+    return sock.recvmsg(HANDOFF_HEADER.size + 4 * MAX_PASSED_FDS,
+                        socket.CMSG_SPACE(4 * MAX_PASSED_FDS), socket.MSG_CMSG_CLOEXEC)
+
+
+def _await_handoff(sock: socket.socket) -> None:
+    """Block until the daemon hands this process a request's fds; install them.
+
+    Says READY before it blocks (unless a request is already there) and TOOK once the fds
+    are in place: until then the daemon can still give the request to another process."""
     try:
-        msg, anc, flags, _ = sock.recvmsg(HANDOFF_HEADER.size + 4 * MAX_PASSED_FDS,
-                                          socket.CMSG_SPACE(4 * MAX_PASSED_FDS),
-                                          socket.MSG_CMSG_CLOEXEC)
-    finally:
-        sock.close()
+        if not _pending(sock):
+            sock.send(READY)
+        while True:
+            try:
+                msg, anc, flags, _ = _recv_handoff(sock)
+            except ConnectionResetError:
+                # The daemon closed its end with something of ours unread (our READY):
+                # the kernel reports that once, ahead of the handoff still queued for us.
+                msg, anc, flags, _ = _recv_handoff(sock)
+            if msg[:4] != CLONE_MAGIC:
+                break
+            _copy_self(sock, fdpass.received_fds(anc))
+    except OSError:  # the daemon is gone
+        msg = b""
     if not msg:  # retired by the daemon (idle timeout, shutdown) before any request
         os._exit(0)
     fds = fdpass.received_fds(anc)
@@ -189,10 +220,80 @@ def _await_handoff(ctl: int) -> None:
     for fd in fds:
         if fd not in targets:
             os.close(fd)
+    try:
+        sock.send(TOOK)
+    except OSError:
+        pass  # the daemon is gone; the request's fds are in place all the same
+    sock.close()
     # The interpreter chose block buffering when fd 1 was /dev/null; a cold start onto a
     # terminal would have line buffering.
     if sys.stdout is not None and os.isatty(1) and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
+
+
+CLONE_PARENT = 0x8000
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220}  # clone(flags, 0, 0, 0, 0): order-agnostic
+
+
+def _copy_self(sock: socket.socket, fds: list[int]) -> None:
+    """The daemon asks this ready process for a copy of itself: a refill that costs a
+    ``clone`` (~1 ms) instead of an interpreter boot (~50-100 ms of CPU).
+
+    ``clone(CLONE_PARENT)`` makes the copy the *daemon's* child, not ours: the daemon reaps
+    it and reports its exact exit status like any other. Like forkserver, this copies a
+    single-threaded interpreter that has imported only its preload; with any other thread
+    (``/proc/self/task``) we do not copy. The copy gets the fd the daemon sent as its own
+    control socket (same number as ours) and says READY; we tell the daemon its pid with
+    ``C`` + pid (the daemon checks the sender's credentials and that the pid is its child).
+    A refusal is the daemon's end seeing EOF.
+    """
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        return
+    new = fds[0]
+    try:
+        pid = _clone_parent() if len(os.listdir("/proc/self/task")) == 1 else -1
+    except OSError:
+        pid = -1
+    if pid == 0:  # the copy
+        os.dup2(new, sock.fileno())
+        os.close(new)
+        try:
+            if not _pending(sock):  # copied for a request: its handoff is already queued
+                sock.send(READY)
+        except OSError:
+            pass  # the daemon's end is closed: a handoff queued before that still counts
+        return
+    try:
+        if pid > 0:
+            os.write(new, b"C" + struct.pack("<i", pid))
+    except OSError:
+        pass
+    finally:
+        os.close(new)
+
+
+def _clone_parent() -> int:
+    """``clone(CLONE_PARENT | SIGCHLD)`` with the interpreter's fork hooks around it, as
+    ``os.fork()`` runs them. 0 in the copy, its pid here, -1 if not possible."""
+    import ctypes
+    import signal
+
+    nr = _SYS_CLONE.get(os.uname().machine)
+    if nr is None:
+        return -1
+    libc = ctypes.PyDLL(None)  # a PyDLL call keeps the GIL, as os.fork() does
+    libc.syscall.restype = ctypes.c_long
+    api = ctypes.pythonapi
+    api.PyOS_BeforeFork()
+    pid = libc.syscall(ctypes.c_long(nr), ctypes.c_ulong(CLONE_PARENT | signal.SIGCHLD),
+                       None, None, None, None)
+    if pid == 0:
+        api.PyOS_AfterFork_Child()
+        return 0
+    api.PyOS_AfterFork_Parent()
+    return pid if pid > 0 else -1
 
 
 def _receive_fds(fd: int) -> list[int]:
