@@ -95,16 +95,6 @@ SHRINK_AFTER = 10.0
 BOOT_WAIT = 5.0
 #: Refills booting at once, daemon-wide: one per two CPUs (the rest is the program's).
 REFILL_PARALLEL = max(1, (os.cpu_count() or 1) // 2)
-#: Refill by asking a ready process of the key for a copy of itself (``clone`` with
-#: CLONE_PARENT, in the pooled interpreter, never in the daemon; see _mp_boot._copy_self):
-#: ~1 ms instead of a 50-100 ms interpreter boot, so starts that outpace boots stay warm.
-#: False: every refill boots (posix_spawn), as a copy shares forkserver's caveats.
-#: Only for peers of the daemon's own uid (the per-user daemon): the copy's pid is the
-#: zygote's word, checked to be a child of ours, and a daemon serving other users must
-#: not let one name another's process (or one of its own twice) as a copy.
-CLONE_REFILLS = True
-CLONE_MAGIC = b"SPWC"
-CLONE_WAIT = 2.0  # a copy not reported by then: refill by posix_spawn instead
 READY = b"R"  # pooled process -> daemon: imports done, waiting for a handoff
 TOOK = b"A"  # pooled process -> daemon: a handoff's fds are in place
 TRACKED = 64  # handed-out pids remembered per key for the concurrency count
@@ -124,8 +114,6 @@ class WarmProcess:
     took: bool = False  # said TOOK: a request's fds are in place
     request: trio.Event | None = None  # set when a request handed to it while booting can go on
     boot: str | None = None  # "idle" or "request" while it boots (see WarmPool._booting)
-    gone: bool = False  # its control socket reached EOF: it exited or is exiting
-    readied: trio.Event = field(default_factory=trio.Event)  # READY, or gone
     boot_started: float = 0.0
 
 
@@ -147,19 +135,6 @@ class Entry:
     starts: int = 0
     peak: int = 0
     running: deque[int] = field(default_factory=lambda: deque(maxlen=TRACKED))
-    #: A ready process kept back to be copied (CLONE_REFILLS): refills, and requests that
-    #: find no ready process, get a copy of it in ~1 ms. Counts against --pool-max.
-    zygote: WarmProcess | None = None
-    copies: bool = CLONE_REFILLS  # False once a copy was refused (threads): boot instead
-
-    @property
-    def count(self) -> int:
-        """Pooled processes the refills count: the zygote is kept *besides* ``size``."""
-        return len(self.idle)
-
-    def drop_zygote(self) -> WarmProcess | None:
-        z, self.zygote = self.zygote, None
-        return z
 
 
 class WarmPool:
@@ -181,7 +156,7 @@ class WarmPool:
     # -- introspection (logs, tests)
     @property
     def idle_count(self) -> int:
-        return sum(len(e.idle) + (e.zygote is not None) for e in self._entries.values())
+        return sum(len(e.idle) for e in self._entries.values())
 
     # -- the request path
     async def take(self, uid: int, gid: int, spec: SpawnSpec, grant: Any,
@@ -201,8 +176,7 @@ class WarmPool:
         if entry is None:
             entry = Entry(key=key, spec=self._entry_spec(spec), targets=targets, size=size,
                           idle_timeout=float(warm["idle_timeout"]), last_used=now, auto=auto,
-                          starts=1, peak=1 if auto else 0,
-                          copies=CLONE_REFILLS and uid == os.geteuid())
+                          starts=1, peak=1 if auto else 0)
             if (size > 0 or auto) and not self._stopping:
                 if len(self._entries) >= MAX_ENTRIES:
                     self._evict_lru()
@@ -213,30 +187,7 @@ class WarmPool:
             entry.idle_timeout = float(warm["idle_timeout"])
         entry.last_used = now
         entry.changed.set()  # the refill task re-checks size and deadline
-        while True:
-            proc = self._pick(entry, ready=True)
-            if proc is None and (zygote := entry.zygote) is not None:
-                pid = await self._copy_for_request(entry, sources, targets)
-                if pid is not None:
-                    entry.running.append(pid)
-                    log.debug("warm: handed a copy %d of %d to uid %d", pid, zygote.pid, uid)
-                    return pid
-                if entry.zygote is zygote:  # it failed us: not asked again
-                    self._retire(entry.drop_zygote())  # type: ignore[arg-type]
-                continue
-            if proc is None and entry.copies and (booting := self._first(entry)) is not None:
-                # It will be the zygote: wait for it to be ready, then get a copy of it,
-                # rather than take it (a pool whose every process is taken while it boots
-                # never gets a zygote, and every later start waits for a boot).
-                if await self._await_ready(booting):
-                    if booting.gone:
-                        log.info("warm: booting process %d died before taking a request",
-                                 booting.pid)
-                    continue
-            if proc is None:
-                proc = self._pick(entry, ready=False)
-            if proc is None:
-                break
+        while (proc := self._pick(entry)) is not None:
             try:
                 given = self._hand_off(proc.control, sources, targets)
             except BaseException:  # the request's fds are bad: the process stays idle
@@ -278,52 +229,13 @@ class WarmPool:
         return pid
 
     @staticmethod
-    def _pick(entry: Entry, ready: bool) -> WarmProcess | None:
-        """The ready process that waited longest, or the booting one started first."""
+    def _pick(entry: Entry) -> WarmProcess | None:
+        """The ready process that waited longest, else the booting one started first."""
         for proc in entry.idle:
-            if (proc.ready or not ready) and not proc.gone:
+            if proc.ready:
                 entry.idle.remove(proc)
                 return proc
-        return None
-
-    @staticmethod
-    def _first(entry: Entry) -> WarmProcess | None:
-        """The booting process started first."""
-        return next((p for p in entry.idle if not (p.ready or p.gone)), None)
-
-    async def _await_ready(self, proc: WarmProcess) -> bool:
-        """Wait (BOOT_WAIT at most) until ``proc`` is ready or gone; False on timeout."""
-        if proc.boot == "idle":
-            self._set_boot(proc, "request")  # a request waits on this boot: no refills
-        log.debug("warm: a request waits for booting process %d", proc.pid)
-        with trio.move_on_after(BOOT_WAIT):
-            await proc.readied.wait()
-            return True
-        return False
-
-    async def _copy_for_request(self, entry: Entry, sources: list[int],
-                                targets: tuple[int, ...]) -> int | None:
-        """Serve a request with a fresh copy of the entry's zygote. The handoff follows
-        the zygote's report of the copy's pid (never before: a copy we could not name
-        must not run anyone's target); the copy is then waiting for it."""
-        zygote = entry.zygote
-        assert zygote is not None
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = None
-        try:
-            ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            ours.setblocking(False)
-            pid = await self._ask_copy(entry, zygote, ours, theirs)
-            if pid is not None and not self._hand_off(ours, sources, targets):
-                _kill_unused(pid)  # it is gone already
-                pid = None
-            return pid
-        except SpawnError:  # the request's fds: the copy never gets a request
-            if pid is not None:
-                _kill_unused(pid)
-            raise
-        finally:
-            ours.close()  # the copy still reads the handoff queued for it, then EOF
+        return entry.idle.popleft() if entry.idle else None
 
     async def _await_took(self, proc: WarmProcess) -> bool:
         """A booting process holds the request's fds: wait (BOOT_WAIT at most) for it to
@@ -361,8 +273,6 @@ class WarmPool:
         for entry in list(self._entries.values()):
             while entry.idle:
                 self._retire(entry.idle.popleft())
-            if (z := entry.drop_zygote()) is not None:
-                self._retire(z)
             if entry.scope is not None:
                 entry.scope.cancel()
 
@@ -500,14 +410,7 @@ class WarmPool:
                 elif READY in msg and not proc.ready:
                     proc.ready = True
                     self._set_boot(proc, None)
-                    if proc in proc.entry.idle and proc.entry.zygote is None:
-                        self._designate_zygote(proc.entry)
-                        proc.entry.changed.set()  # refill the one kept back
-                    proc.readied.set()  # requests waiting for it to be ready go on
             self._set_boot(proc, None)
-            if not (proc.took or proc.handed_off):
-                proc.gone = True
-                proc.readied.set()
             if proc.request is not None:
                 proc.request.set()  # TOOK, or it died: the request it holds goes on
             if proc.handed_off or proc.took:
@@ -532,8 +435,6 @@ class WarmPool:
         entry = proc.entry
         if proc in entry.idle:
             entry.idle.remove(proc)
-        if entry.zygote is proc:
-            entry.drop_zygote()
         if not proc.retired:
             entry.failures += 1
             log.warning("warm: pooled process %d died (status %d, code %d); %d in a row",
@@ -561,12 +462,10 @@ class WarmPool:
                 del self._entries[entry.key]
             while entry.idle:
                 self._retire(entry.idle.popleft())
-            if (z := entry.drop_zygote()) is not None:
-                self._retire(z)
             self._close_entry(entry)
 
     async def _refill(self, entry: Entry) -> None:
-        while (entry.count < entry.size and not self._stopping
+        while (len(entry.idle) < entry.size and not self._stopping
                and self._entries.get(entry.key) is entry):
             if entry.failures >= MAX_FAILURES:
                 if entry.failures == MAX_FAILURES:
@@ -576,26 +475,15 @@ class WarmPool:
                 return
             if entry.failures:
                 await trio.sleep(min(BACKOFF_FIRST * 2 ** (entry.failures - 1), BACKOFF_MAX))
-                if entry.count >= entry.size or self._stopping:
+                if len(entry.idle) >= entry.size or self._stopping:
                     return
             while (wait := self._refill_wait()) > 0:  # no refill beside a request's boot
                 with trio.move_on_after(wait):
                     await self._boots_changed.wait()
-            if entry.count >= entry.size or self._stopping:
+            if len(entry.idle) >= entry.size or self._stopping:
                 return
             if not self._make_room(entry):
                 return
-            self._designate_zygote(entry)
-            zygote = entry.zygote
-            if zygote is not None:
-                copy = await self._copy(entry, zygote)
-                if copy is not None:
-                    entry.idle.append(copy)
-                    self._nursery.start_soon(self._watch, copy)
-                    log.debug("warm: copied idle process %d from %d (%d/%d)", copy.pid,
-                              zygote.pid, entry.count, entry.size)
-                    await trio.sleep(0)
-                    continue
             try:
                 pid, control = self._spawn(entry.spec, entry.targets)
             except OSError as e:
@@ -613,103 +501,14 @@ class WarmPool:
             self._set_boot(proc, "idle")
             entry.idle.append(proc)
             self._nursery.start_soon(self._watch, proc)
-            log.debug("warm: started idle process %d (%d/%d)", pid, entry.count, entry.size)
+            log.debug("warm: started idle process %d (%d/%d)", pid, len(entry.idle), entry.size)
             await trio.sleep(0)  # one spawn per turn of the loop: requests go first
-
-    async def _copy(self, entry: Entry, zygote: WarmProcess) -> WarmProcess | None:
-        """A ready copy of ``zygote`` for the pool (see CLONE_REFILLS), or None."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            ours.setblocking(False)
-            pid = await self._ask_copy(entry, zygote, ours, theirs)
-            if pid is None:
-                return None
-            ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 0)
-            pidfd = os.pidfd_open(pid)  # our child, checked by _ask_copy: cannot fail
-        except BaseException:
-            ours.close()
-            raise
-        return WarmProcess(pid=pid, pidfd=pidfd, control=ours, entry=entry, ready=True)
-
-    async def _ask_copy(self, entry: Entry, zygote: WarmProcess, ours: socket.socket,
-                        theirs: socket.socket) -> int | None:
-        """Have ``zygote`` copy itself with ``theirs`` as the copy's control socket; the
-        copy's pid, or None (and the entry stops copying if the zygote refused).
-
-        The zygote answers on the new socket ``C`` + the copy's pid; that message's
-        SCM_CREDENTIALS (SO_PASSCRED on ``ours``: the kernel's word, not the sender's) must
-        name the zygote, which is our child, and the copy must be our child too."""
-        try:
-            zygote.control.sendmsg([CLONE_MAGIC], fdpass.ancillary([theirs.fileno()]))
-        except OSError:
-            if entry.zygote is zygote:  # gone: its watcher reaps it
-                entry.drop_zygote()
-            return None
-        finally:
-            theirs.close()
-        pid = await self._copy_report(ours, zygote.pid)
-        if pid is None:
-            if entry.zygote is zygote and zygote.control.fileno() >= 0:
-                log.info("warm: process %d did not copy itself; refills boot instead",
-                         zygote.pid)
-                entry.copies = False
-                entry.idle.appendleft(entry.drop_zygote())  # type: ignore[arg-type]
-            return None
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            pidfd = -1
-        try:  # our child (CLONE_PARENT), alive or a zombie: WNOWAIT only looks
-            if pidfd < 0:
-                raise ChildProcessError
-            os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            log.warning("warm: process %d reported a copy %d that is not our child",
-                        zygote.pid, pid)
-            entry.copies = False
-            if entry.zygote is zygote:
-                self._retire(entry.drop_zygote())  # type: ignore[arg-type]
-            return None
-        finally:
-            if pidfd >= 0:
-                os.close(pidfd)
-        return pid
-
-    @staticmethod
-    async def _copy_report(ours: socket.socket, zygote: int) -> int | None:
-        """The copy's pid as its zygote reports it (a READY from the copy may come first)."""
-        with trio.move_on_after(CLONE_WAIT):
-            while True:
-                await trio.lowlevel.wait_readable(ours)
-                try:
-                    msg, anc, _, _ = ours.recvmsg(16, socket.CMSG_SPACE(12))
-                except BlockingIOError:
-                    continue
-                if not msg:
-                    break  # the zygote refused (threads) or died, and there is no copy
-                if msg[:1] == b"C" and len(msg) == 5 and _sender_pid(anc) == zygote:
-                    return struct.unpack("<i", msg[1:])[0]
-        return None
-
-    @staticmethod
-    def _designate_zygote(entry: Entry) -> None:
-        """Keep a ready process back as the entry's zygote, if it copies and has none."""
-        if entry.copies and entry.zygote is None:
-            for proc in entry.idle:
-                if proc.ready:
-                    entry.idle.remove(proc)
-                    entry.zygote = proc
-                    log.debug("warm: idle process %d is the pool's zygote", proc.pid)
-                    return
 
     def _evict_lru(self) -> None:
         victim = min(self._entries.values(), key=lambda e: e.last_used)
         del self._entries[victim.key]  # its task ends at its next checkpoint and cleans up
         while victim.idle:
             self._retire(victim.idle.popleft())
-        if (z := victim.drop_zygote()) is not None:
-            self._retire(z)
         if victim.scope is not None:
             victim.scope.cancel()
 
@@ -718,25 +517,12 @@ class WarmPool:
         if self.idle_count < self.max_idle:
             return True
         victims = [e for e in self._entries.values()
-                   if e is not entry and (e.idle or e.zygote) and e.last_used < entry.last_used]
+                   if e is not entry and e.idle and e.last_used < entry.last_used]
         if not victims:
             return False
         victim = min(victims, key=lambda e: e.last_used)
-        self._retire(victim.idle.popleft() if victim.idle else victim.drop_zygote())  # type: ignore[arg-type]
+        self._retire(victim.idle.popleft())
         return True
-
-
-def _kill_unused(pid: int) -> None:
-    """A copy that never got a request: our child, so SIGKILL and reap it (bounded)."""
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-
-
-def _sender_pid(anc: list[tuple[int, int, bytes]]) -> int | None:
-    for level, kind, data in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= 12:
-            return struct.unpack_from("<i", data)[0]
-    return None
 
 
 def _alive(pid: int) -> bool:

@@ -49,8 +49,8 @@ class Options:
 
     ``socket``: the daemon (default ``$SPAWND_SOCKET`` or the per-user/system socket, with
     the client's autostart rules). ``warm``: idle pre-started interpreters to keep: ``"auto"`` (default) lets the daemon
-    size the pool from the demand it sees (see docs/multiprocessing.md), an int fixes it
-    (plus one kept back that the others are copied from), 0 turns it off.
+    size the pool from the demand it sees (see docs/multiprocessing.md), an int fixes it,
+    0 turns it off.
     ``preload``: modules a warm interpreter imports before it is needed (``"__main__"``
     means the parent's main module, as ``__mp_main__``). ``idle_timeout``: seconds without
     a start after which the daemon empties the warm pool. ``on_disconnect``/``grace``: what
