@@ -1,4 +1,4 @@
-"""Warm interpreter pools: the zygote without fork.
+"""Warm interpreter pools: pre-started interpreters, never a fork or a copy of one.
 
 A ``Spawn`` request with ``warm`` set (the multiprocessing start method sends it) is not
 spawned directly. The daemon keeps a few *pre-started* processes per **key** — everything

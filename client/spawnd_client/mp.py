@@ -7,7 +7,8 @@ processes are started by the spawnd daemon, so a large multithreaded program can
 Manager's server and the resource tracker are all posix_spawn'ed by the daemon. With
 ``warm=N`` the daemon keeps ``N`` interpreters started ahead of time with the parent's
 ``__main__`` (and ``preload``) imported, and a start hands one of them the new process's
-fds: the zygote idea without fork. ``register()`` makes ``"spawnd"`` a start method name
+fds. Each is a fresh interpreter the daemon posix_spawned (never a copy of another:
+its own hash seed, its own file offsets), as ``spawn`` would start it. ``register()`` makes ``"spawnd"`` a start method name
 (``multiprocessing.set_start_method("spawnd")``, ``get_context("spawnd")``).
 
 Semantics are ``spawn``'s (a fresh interpreter, the parent's main re-imported as
