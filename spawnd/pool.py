@@ -89,12 +89,24 @@ MAX_ENTRIES = 64
 #: forgets after SHRINK_AFTER seconds without a start (the pool shrinks to the demand of
 #: the next burst), and idle_timeout without a start empties it.
 SHRINK_AFTER = 10.0
+#: Starts that come faster than an interpreter boots (a loop of ``start(); join()``) show
+#: a concurrency of 1 but drain a pool of 1 before its refill is ready: the target is also
+#: at least ceil(boot time / time between starts), i.e. rate x boot time (Little's law),
+#: bounded like the peak. Both are running averages per key (weight RATE_WEIGHT for the
+#: newest); the boot time is measured from spawn to READY, BOOT_GUESS until then.
+RATE_WEIGHT = 0.5
+BOOT_GUESS = 0.06
 #: A request waits at most this long for the booting process it was handed to (then it
 #: gets that process anyway: its fds are queued in it), and a request's boot holds back
 #: refills at most this long (a ``__main__`` that hangs at import must not stop the pools).
 BOOT_WAIT = 5.0
-#: Refills booting at once, daemon-wide: one per two CPUs (the rest is the program's).
+#: Refills booting at once, daemon-wide: one per two CPUs (the rest is the program's)...
 REFILL_PARALLEL = max(1, (os.cpu_count() or 1) // 2)
+#: ...and more, up to one per CPU, while a CPU is idle (fewer runnable tasks than CPUs in
+#: /proc/loadavg: an instant count, read only when a refill is due); the same lets a refill
+#: boot beside a request's boot when that cannot slow it down.
+CPUS = os.cpu_count() or 1
+IDLE_RECHECK = 0.01  # a gated refill looks for an idle CPU again this often
 READY = b"R"  # pooled process -> daemon: imports done, waiting for a handoff
 TOOK = b"A"  # pooled process -> daemon: a handoff's fds are in place
 TRACKED = 64  # handed-out pids remembered per key for the concurrency count
@@ -135,6 +147,8 @@ class Entry:
     starts: int = 0
     peak: int = 0
     running: deque[int] = field(default_factory=lambda: deque(maxlen=TRACKED))
+    gap: float | None = None  # running average of the time between starts (auto)
+    boot_time: float = BOOT_GUESS  # running average of spawn -> READY
 
 
 class WarmPool:
@@ -265,7 +279,13 @@ class WarmPool:
         entry.running = deque((p for p in entry.running if _alive(p)), maxlen=TRACKED)
         entry.starts += 1
         entry.peak = max(entry.peak, len(entry.running) + 1)
-        return min(entry.peak, cap, os.cpu_count() or 1, self.max_idle)
+        gap = now - entry.last_used
+        entry.gap = gap if entry.gap is None else (
+            RATE_WEIGHT * gap + (1 - RATE_WEIGHT) * entry.gap)
+        target = entry.peak
+        if entry.gap < entry.boot_time:  # starts outpace boots: one boot per start in flight
+            target = max(target, entry.peak + 1, -int(-entry.boot_time // max(entry.gap, 1e-3)))
+        return min(target, cap, CPUS, self.max_idle)
 
     def stop(self) -> None:
         """Daemon shutdown: kill every idle process (watchers reap them) and stop refilling."""
@@ -382,11 +402,12 @@ class WarmPool:
         now = trio.current_time()
         requests = [p.boot_started + BOOT_WAIT - now for p in self._booting["request"]]
         requests = [t for t in requests if t > 0]  # a boot past BOOT_WAIT holds nothing back
-        if requests:
-            return min(requests)
-        if len(self._booting["idle"]) >= REFILL_PARALLEL:
-            return BOOT_WAIT
-        return 0.0
+        idle = len(self._booting["idle"])
+        if not requests and idle < REFILL_PARALLEL:
+            return 0.0
+        if idle + len(requests) < CPUS and _cpu_idle():
+            return 0.0  # a CPU nobody uses: the boots in flight cannot be slowed by this one
+        return min((*requests, IDLE_RECHECK))
 
     async def _watch(self, proc: WarmProcess) -> None:
         """Read what the process says (READY, TOOK), then reap it if it dies in the pool."""
@@ -409,6 +430,11 @@ class WarmPool:
                     self._set_boot(proc, None)
                 elif READY in msg and not proc.ready:
                     proc.ready = True
+                    took = trio.current_time() - proc.boot_started
+                    if proc.boot == "idle":  # a whole boot, not one cut short by a request
+                        e = proc.entry
+                        e.boot_time = RATE_WEIGHT * took + (1 - RATE_WEIGHT) * e.boot_time
+                    log.debug("warm: process %d ready (%.0f ms)", proc.pid, took * 1000)
                     self._set_boot(proc, None)
             self._set_boot(proc, None)
             if proc.request is not None:
@@ -523,6 +549,19 @@ class WarmPool:
         victim = min(victims, key=lambda e: e.last_used)
         self._retire(victim.idle.popleft())
         return True
+
+
+def _cpu_idle() -> bool:
+    """Fewer runnable tasks than CPUs right now (this daemon, reading, is one of them).
+
+    /proc/loadavg's fourth field is the kernel's instant count of runnable tasks,
+    machine-wide (a container's CPU quota is not seen). A procfs read, not disk I/O."""
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            running = int(f.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    return running - 1 < CPUS
 
 
 def _alive(pid: int) -> bool:
