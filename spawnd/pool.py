@@ -37,7 +37,9 @@ run in one task per key in the server's root nursery; the request path never wai
 **No start is slower than a cold one.** An interpreter's boot is ~50-100 ms of CPU: a refill
 booting beside a request's boot would slow that request down, so refills (of every key)
 wait while any request's process is still booting (a cold start, or a booting process
-handed a request), and at most ``REFILL_PARALLEL`` refills boot at once.
+handed a request), and at most ``REFILL_PARALLEL`` refills boot at once, unless a CPU is
+idle right now. Without copying a process (never done: each pooled process is a fresh
+``posix_spawn``), sustained starts faster than CPUs / boot CPU each wait for a boot.
 """
 
 from __future__ import annotations
