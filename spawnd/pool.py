@@ -1,4 +1,4 @@
-"""Warm interpreter pools: the zygote without fork.
+"""Warm interpreter pools: pre-started interpreters, never a fork or a copy of one.
 
 A ``Spawn`` request with ``warm`` set (the multiprocessing start method sends it) is not
 spawned directly. The daemon keeps a few *pre-started* processes per **key** — everything
@@ -37,7 +37,9 @@ run in one task per key in the server's root nursery; the request path never wai
 **No start is slower than a cold one.** An interpreter's boot is ~50-100 ms of CPU: a refill
 booting beside a request's boot would slow that request down, so refills (of every key)
 wait while any request's process is still booting (a cold start, or a booting process
-handed a request), and at most ``REFILL_PARALLEL`` refills boot at once.
+handed a request), and at most ``REFILL_PARALLEL`` refills boot at once, unless a CPU is
+idle right now. Without copying a process (never done: each pooled process is a fresh
+``posix_spawn``), sustained starts faster than CPUs / boot CPU each wait for a boot.
 """
 
 from __future__ import annotations
@@ -89,22 +91,24 @@ MAX_ENTRIES = 64
 #: forgets after SHRINK_AFTER seconds without a start (the pool shrinks to the demand of
 #: the next burst), and idle_timeout without a start empties it.
 SHRINK_AFTER = 10.0
+#: Starts that come faster than an interpreter boots (a loop of ``start(); join()``) show
+#: a concurrency of 1 but drain a pool of 1 before its refill is ready: the target is also
+#: at least ceil(boot time / time between starts), i.e. rate x boot time (Little's law),
+#: bounded like the peak. Both are running averages per key (weight RATE_WEIGHT for the
+#: newest); the boot time is measured from spawn to READY, BOOT_GUESS until then.
+RATE_WEIGHT = 0.5
+BOOT_GUESS = 0.06
 #: A request waits at most this long for the booting process it was handed to (then it
 #: gets that process anyway: its fds are queued in it), and a request's boot holds back
 #: refills at most this long (a ``__main__`` that hangs at import must not stop the pools).
 BOOT_WAIT = 5.0
-#: Refills booting at once, daemon-wide: one per two CPUs (the rest is the program's).
+#: Refills booting at once, daemon-wide: one per two CPUs (the rest is the program's)...
 REFILL_PARALLEL = max(1, (os.cpu_count() or 1) // 2)
-#: Refill by asking a ready process of the key for a copy of itself (``clone`` with
-#: CLONE_PARENT, in the pooled interpreter, never in the daemon; see _mp_boot._copy_self):
-#: ~1 ms instead of a 50-100 ms interpreter boot, so starts that outpace boots stay warm.
-#: False: every refill boots (posix_spawn), as a copy shares forkserver's caveats.
-#: Only for peers of the daemon's own uid (the per-user daemon): the copy's pid is the
-#: zygote's word, checked to be a child of ours, and a daemon serving other users must
-#: not let one name another's process (or one of its own twice) as a copy.
-CLONE_REFILLS = True
-CLONE_MAGIC = b"SPWC"
-CLONE_WAIT = 2.0  # a copy not reported by then: refill by posix_spawn instead
+#: ...and more, up to one per CPU, while a CPU is idle (fewer runnable tasks than CPUs in
+#: /proc/loadavg: an instant count, read only when a refill is due); the same lets a refill
+#: boot beside a request's boot when that cannot slow it down.
+CPUS = os.cpu_count() or 1
+IDLE_RECHECK = 0.01  # a gated refill looks for an idle CPU again this often
 READY = b"R"  # pooled process -> daemon: imports done, waiting for a handoff
 TOOK = b"A"  # pooled process -> daemon: a handoff's fds are in place
 TRACKED = 64  # handed-out pids remembered per key for the concurrency count
@@ -124,8 +128,6 @@ class WarmProcess:
     took: bool = False  # said TOOK: a request's fds are in place
     request: trio.Event | None = None  # set when a request handed to it while booting can go on
     boot: str | None = None  # "idle" or "request" while it boots (see WarmPool._booting)
-    gone: bool = False  # its control socket reached EOF: it exited or is exiting
-    readied: trio.Event = field(default_factory=trio.Event)  # READY, or gone
     boot_started: float = 0.0
 
 
@@ -147,19 +149,8 @@ class Entry:
     starts: int = 0
     peak: int = 0
     running: deque[int] = field(default_factory=lambda: deque(maxlen=TRACKED))
-    #: A ready process kept back to be copied (CLONE_REFILLS): refills, and requests that
-    #: find no ready process, get a copy of it in ~1 ms. Counts against --pool-max.
-    zygote: WarmProcess | None = None
-    copies: bool = CLONE_REFILLS  # False once a copy was refused (threads): boot instead
-
-    @property
-    def count(self) -> int:
-        """Pooled processes the refills count: the zygote is kept *besides* ``size``."""
-        return len(self.idle)
-
-    def drop_zygote(self) -> WarmProcess | None:
-        z, self.zygote = self.zygote, None
-        return z
+    gap: float | None = None  # running average of the time between starts (auto)
+    boot_time: float = BOOT_GUESS  # running average of spawn -> READY
 
 
 class WarmPool:
@@ -181,7 +172,7 @@ class WarmPool:
     # -- introspection (logs, tests)
     @property
     def idle_count(self) -> int:
-        return sum(len(e.idle) + (e.zygote is not None) for e in self._entries.values())
+        return sum(len(e.idle) for e in self._entries.values())
 
     # -- the request path
     async def take(self, uid: int, gid: int, spec: SpawnSpec, grant: Any,
@@ -201,8 +192,7 @@ class WarmPool:
         if entry is None:
             entry = Entry(key=key, spec=self._entry_spec(spec), targets=targets, size=size,
                           idle_timeout=float(warm["idle_timeout"]), last_used=now, auto=auto,
-                          starts=1, peak=1 if auto else 0,
-                          copies=CLONE_REFILLS and uid == os.geteuid())
+                          starts=1, peak=1 if auto else 0)
             if (size > 0 or auto) and not self._stopping:
                 if len(self._entries) >= MAX_ENTRIES:
                     self._evict_lru()
@@ -213,30 +203,7 @@ class WarmPool:
             entry.idle_timeout = float(warm["idle_timeout"])
         entry.last_used = now
         entry.changed.set()  # the refill task re-checks size and deadline
-        while True:
-            proc = self._pick(entry, ready=True)
-            if proc is None and (zygote := entry.zygote) is not None:
-                pid = await self._copy_for_request(entry, sources, targets)
-                if pid is not None:
-                    entry.running.append(pid)
-                    log.debug("warm: handed a copy %d of %d to uid %d", pid, zygote.pid, uid)
-                    return pid
-                if entry.zygote is zygote:  # it failed us: not asked again
-                    self._retire(entry.drop_zygote())  # type: ignore[arg-type]
-                continue
-            if proc is None and entry.copies and (booting := self._first(entry)) is not None:
-                # It will be the zygote: wait for it to be ready, then get a copy of it,
-                # rather than take it (a pool whose every process is taken while it boots
-                # never gets a zygote, and every later start waits for a boot).
-                if await self._await_ready(booting):
-                    if booting.gone:
-                        log.info("warm: booting process %d died before taking a request",
-                                 booting.pid)
-                    continue
-            if proc is None:
-                proc = self._pick(entry, ready=False)
-            if proc is None:
-                break
+        while (proc := self._pick(entry)) is not None:
             try:
                 given = self._hand_off(proc.control, sources, targets)
             except BaseException:  # the request's fds are bad: the process stays idle
@@ -278,52 +245,13 @@ class WarmPool:
         return pid
 
     @staticmethod
-    def _pick(entry: Entry, ready: bool) -> WarmProcess | None:
-        """The ready process that waited longest, or the booting one started first."""
+    def _pick(entry: Entry) -> WarmProcess | None:
+        """The ready process that waited longest, else the booting one started first."""
         for proc in entry.idle:
-            if (proc.ready or not ready) and not proc.gone:
+            if proc.ready:
                 entry.idle.remove(proc)
                 return proc
-        return None
-
-    @staticmethod
-    def _first(entry: Entry) -> WarmProcess | None:
-        """The booting process started first."""
-        return next((p for p in entry.idle if not (p.ready or p.gone)), None)
-
-    async def _await_ready(self, proc: WarmProcess) -> bool:
-        """Wait (BOOT_WAIT at most) until ``proc`` is ready or gone; False on timeout."""
-        if proc.boot == "idle":
-            self._set_boot(proc, "request")  # a request waits on this boot: no refills
-        log.debug("warm: a request waits for booting process %d", proc.pid)
-        with trio.move_on_after(BOOT_WAIT):
-            await proc.readied.wait()
-            return True
-        return False
-
-    async def _copy_for_request(self, entry: Entry, sources: list[int],
-                                targets: tuple[int, ...]) -> int | None:
-        """Serve a request with a fresh copy of the entry's zygote. The handoff follows
-        the zygote's report of the copy's pid (never before: a copy we could not name
-        must not run anyone's target); the copy is then waiting for it."""
-        zygote = entry.zygote
-        assert zygote is not None
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = None
-        try:
-            ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            ours.setblocking(False)
-            pid = await self._ask_copy(entry, zygote, ours, theirs)
-            if pid is not None and not self._hand_off(ours, sources, targets):
-                _kill_unused(pid)  # it is gone already
-                pid = None
-            return pid
-        except SpawnError:  # the request's fds: the copy never gets a request
-            if pid is not None:
-                _kill_unused(pid)
-            raise
-        finally:
-            ours.close()  # the copy still reads the handoff queued for it, then EOF
+        return entry.idle.popleft() if entry.idle else None
 
     async def _await_took(self, proc: WarmProcess) -> bool:
         """A booting process holds the request's fds: wait (BOOT_WAIT at most) for it to
@@ -353,7 +281,13 @@ class WarmPool:
         entry.running = deque((p for p in entry.running if _alive(p)), maxlen=TRACKED)
         entry.starts += 1
         entry.peak = max(entry.peak, len(entry.running) + 1)
-        return min(entry.peak, cap, os.cpu_count() or 1, self.max_idle)
+        gap = now - entry.last_used
+        entry.gap = gap if entry.gap is None else (
+            RATE_WEIGHT * gap + (1 - RATE_WEIGHT) * entry.gap)
+        target = entry.peak
+        if entry.gap < entry.boot_time:  # starts outpace boots: one boot per start in flight
+            target = max(target, entry.peak + 1, -int(-entry.boot_time // max(entry.gap, 1e-3)))
+        return min(target, cap, CPUS, self.max_idle)
 
     def stop(self) -> None:
         """Daemon shutdown: kill every idle process (watchers reap them) and stop refilling."""
@@ -361,8 +295,6 @@ class WarmPool:
         for entry in list(self._entries.values()):
             while entry.idle:
                 self._retire(entry.idle.popleft())
-            if (z := entry.drop_zygote()) is not None:
-                self._retire(z)
             if entry.scope is not None:
                 entry.scope.cancel()
 
@@ -472,11 +404,12 @@ class WarmPool:
         now = trio.current_time()
         requests = [p.boot_started + BOOT_WAIT - now for p in self._booting["request"]]
         requests = [t for t in requests if t > 0]  # a boot past BOOT_WAIT holds nothing back
-        if requests:
-            return min(requests)
-        if len(self._booting["idle"]) >= REFILL_PARALLEL:
-            return BOOT_WAIT
-        return 0.0
+        idle = len(self._booting["idle"])
+        if not requests and idle < REFILL_PARALLEL:
+            return 0.0
+        if idle + len(requests) < CPUS and _cpu_idle():
+            return 0.0  # a CPU nobody uses: the boots in flight cannot be slowed by this one
+        return min((*requests, IDLE_RECHECK))
 
     async def _watch(self, proc: WarmProcess) -> None:
         """Read what the process says (READY, TOOK), then reap it if it dies in the pool."""
@@ -499,15 +432,13 @@ class WarmPool:
                     self._set_boot(proc, None)
                 elif READY in msg and not proc.ready:
                     proc.ready = True
+                    took = trio.current_time() - proc.boot_started
+                    if proc.boot == "idle":  # a whole boot, not one cut short by a request
+                        e = proc.entry
+                        e.boot_time = RATE_WEIGHT * took + (1 - RATE_WEIGHT) * e.boot_time
+                    log.debug("warm: process %d ready (%.0f ms)", proc.pid, took * 1000)
                     self._set_boot(proc, None)
-                    if proc in proc.entry.idle and proc.entry.zygote is None:
-                        self._designate_zygote(proc.entry)
-                        proc.entry.changed.set()  # refill the one kept back
-                    proc.readied.set()  # requests waiting for it to be ready go on
             self._set_boot(proc, None)
-            if not (proc.took or proc.handed_off):
-                proc.gone = True
-                proc.readied.set()
             if proc.request is not None:
                 proc.request.set()  # TOOK, or it died: the request it holds goes on
             if proc.handed_off or proc.took:
@@ -532,8 +463,6 @@ class WarmPool:
         entry = proc.entry
         if proc in entry.idle:
             entry.idle.remove(proc)
-        if entry.zygote is proc:
-            entry.drop_zygote()
         if not proc.retired:
             entry.failures += 1
             log.warning("warm: pooled process %d died (status %d, code %d); %d in a row",
@@ -561,12 +490,10 @@ class WarmPool:
                 del self._entries[entry.key]
             while entry.idle:
                 self._retire(entry.idle.popleft())
-            if (z := entry.drop_zygote()) is not None:
-                self._retire(z)
             self._close_entry(entry)
 
     async def _refill(self, entry: Entry) -> None:
-        while (entry.count < entry.size and not self._stopping
+        while (len(entry.idle) < entry.size and not self._stopping
                and self._entries.get(entry.key) is entry):
             if entry.failures >= MAX_FAILURES:
                 if entry.failures == MAX_FAILURES:
@@ -576,26 +503,15 @@ class WarmPool:
                 return
             if entry.failures:
                 await trio.sleep(min(BACKOFF_FIRST * 2 ** (entry.failures - 1), BACKOFF_MAX))
-                if entry.count >= entry.size or self._stopping:
+                if len(entry.idle) >= entry.size or self._stopping:
                     return
             while (wait := self._refill_wait()) > 0:  # no refill beside a request's boot
                 with trio.move_on_after(wait):
                     await self._boots_changed.wait()
-            if entry.count >= entry.size or self._stopping:
+            if len(entry.idle) >= entry.size or self._stopping:
                 return
             if not self._make_room(entry):
                 return
-            self._designate_zygote(entry)
-            zygote = entry.zygote
-            if zygote is not None:
-                copy = await self._copy(entry, zygote)
-                if copy is not None:
-                    entry.idle.append(copy)
-                    self._nursery.start_soon(self._watch, copy)
-                    log.debug("warm: copied idle process %d from %d (%d/%d)", copy.pid,
-                              zygote.pid, entry.count, entry.size)
-                    await trio.sleep(0)
-                    continue
             try:
                 pid, control = self._spawn(entry.spec, entry.targets)
             except OSError as e:
@@ -613,103 +529,14 @@ class WarmPool:
             self._set_boot(proc, "idle")
             entry.idle.append(proc)
             self._nursery.start_soon(self._watch, proc)
-            log.debug("warm: started idle process %d (%d/%d)", pid, entry.count, entry.size)
+            log.debug("warm: started idle process %d (%d/%d)", pid, len(entry.idle), entry.size)
             await trio.sleep(0)  # one spawn per turn of the loop: requests go first
-
-    async def _copy(self, entry: Entry, zygote: WarmProcess) -> WarmProcess | None:
-        """A ready copy of ``zygote`` for the pool (see CLONE_REFILLS), or None."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            ours.setblocking(False)
-            pid = await self._ask_copy(entry, zygote, ours, theirs)
-            if pid is None:
-                return None
-            ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 0)
-            pidfd = os.pidfd_open(pid)  # our child, checked by _ask_copy: cannot fail
-        except BaseException:
-            ours.close()
-            raise
-        return WarmProcess(pid=pid, pidfd=pidfd, control=ours, entry=entry, ready=True)
-
-    async def _ask_copy(self, entry: Entry, zygote: WarmProcess, ours: socket.socket,
-                        theirs: socket.socket) -> int | None:
-        """Have ``zygote`` copy itself with ``theirs`` as the copy's control socket; the
-        copy's pid, or None (and the entry stops copying if the zygote refused).
-
-        The zygote answers on the new socket ``C`` + the copy's pid; that message's
-        SCM_CREDENTIALS (SO_PASSCRED on ``ours``: the kernel's word, not the sender's) must
-        name the zygote, which is our child, and the copy must be our child too."""
-        try:
-            zygote.control.sendmsg([CLONE_MAGIC], fdpass.ancillary([theirs.fileno()]))
-        except OSError:
-            if entry.zygote is zygote:  # gone: its watcher reaps it
-                entry.drop_zygote()
-            return None
-        finally:
-            theirs.close()
-        pid = await self._copy_report(ours, zygote.pid)
-        if pid is None:
-            if entry.zygote is zygote and zygote.control.fileno() >= 0:
-                log.info("warm: process %d did not copy itself; refills boot instead",
-                         zygote.pid)
-                entry.copies = False
-                entry.idle.appendleft(entry.drop_zygote())  # type: ignore[arg-type]
-            return None
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            pidfd = -1
-        try:  # our child (CLONE_PARENT), alive or a zombie: WNOWAIT only looks
-            if pidfd < 0:
-                raise ChildProcessError
-            os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            log.warning("warm: process %d reported a copy %d that is not our child",
-                        zygote.pid, pid)
-            entry.copies = False
-            if entry.zygote is zygote:
-                self._retire(entry.drop_zygote())  # type: ignore[arg-type]
-            return None
-        finally:
-            if pidfd >= 0:
-                os.close(pidfd)
-        return pid
-
-    @staticmethod
-    async def _copy_report(ours: socket.socket, zygote: int) -> int | None:
-        """The copy's pid as its zygote reports it (a READY from the copy may come first)."""
-        with trio.move_on_after(CLONE_WAIT):
-            while True:
-                await trio.lowlevel.wait_readable(ours)
-                try:
-                    msg, anc, _, _ = ours.recvmsg(16, socket.CMSG_SPACE(12))
-                except BlockingIOError:
-                    continue
-                if not msg:
-                    break  # the zygote refused (threads) or died, and there is no copy
-                if msg[:1] == b"C" and len(msg) == 5 and _sender_pid(anc) == zygote:
-                    return struct.unpack("<i", msg[1:])[0]
-        return None
-
-    @staticmethod
-    def _designate_zygote(entry: Entry) -> None:
-        """Keep a ready process back as the entry's zygote, if it copies and has none."""
-        if entry.copies and entry.zygote is None:
-            for proc in entry.idle:
-                if proc.ready:
-                    entry.idle.remove(proc)
-                    entry.zygote = proc
-                    log.debug("warm: idle process %d is the pool's zygote", proc.pid)
-                    return
 
     def _evict_lru(self) -> None:
         victim = min(self._entries.values(), key=lambda e: e.last_used)
         del self._entries[victim.key]  # its task ends at its next checkpoint and cleans up
         while victim.idle:
             self._retire(victim.idle.popleft())
-        if (z := victim.drop_zygote()) is not None:
-            self._retire(z)
         if victim.scope is not None:
             victim.scope.cancel()
 
@@ -718,25 +545,25 @@ class WarmPool:
         if self.idle_count < self.max_idle:
             return True
         victims = [e for e in self._entries.values()
-                   if e is not entry and (e.idle or e.zygote) and e.last_used < entry.last_used]
+                   if e is not entry and e.idle and e.last_used < entry.last_used]
         if not victims:
             return False
         victim = min(victims, key=lambda e: e.last_used)
-        self._retire(victim.idle.popleft() if victim.idle else victim.drop_zygote())  # type: ignore[arg-type]
+        self._retire(victim.idle.popleft())
         return True
 
 
-def _kill_unused(pid: int) -> None:
-    """A copy that never got a request: our child, so SIGKILL and reap it (bounded)."""
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
+def _cpu_idle() -> bool:
+    """Fewer runnable tasks than CPUs right now (this daemon, reading, is one of them).
 
-
-def _sender_pid(anc: list[tuple[int, int, bytes]]) -> int | None:
-    for level, kind, data in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= 12:
-            return struct.unpack_from("<i", data)[0]
-    return None
+    /proc/loadavg's fourth field is the kernel's instant count of runnable tasks,
+    machine-wide (a container's CPU quota is not seen). A procfs read, not disk I/O."""
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            running = int(f.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    return running - 1 < CPUS
 
 
 def _alive(pid: int) -> bool:

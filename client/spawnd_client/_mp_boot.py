@@ -45,7 +45,6 @@ HANDOFF_MAGIC = b"SPWH"
 HANDOFF_HEADER = struct.Struct("<4sI")
 READY = b"R"  # to the daemon: imports done, waiting for a handoff
 TOOK = b"A"  # to the daemon: the handoff's fds are in place
-CLONE_MAGIC = b"SPWC"  # from the daemon, with one fd: make a copy of yourself (_copy_self)
 #: First bytes on PAYLOAD_FD from the parent: magic and how many fds come with them.
 PAYLOAD_MAGIC = b"SPMP"
 PAYLOAD_HEADER = struct.Struct("<4sI")
@@ -190,16 +189,12 @@ def _await_handoff(sock: socket.socket) -> None:
     try:
         if not _pending(sock):
             sock.send(READY)
-        while True:
-            try:
-                msg, anc, flags, _ = _recv_handoff(sock)
-            except ConnectionResetError:
-                # The daemon closed its end with something of ours unread (our READY):
-                # the kernel reports that once, ahead of the handoff still queued for us.
-                msg, anc, flags, _ = _recv_handoff(sock)
-            if msg[:4] != CLONE_MAGIC:
-                break
-            _copy_self(sock, fdpass.received_fds(anc))
+        try:
+            msg, anc, flags, _ = _recv_handoff(sock)
+        except ConnectionResetError:
+            # The daemon closed its end with something of ours unread (our READY):
+            # the kernel reports that once, ahead of the handoff still queued for us.
+            msg, anc, flags, _ = _recv_handoff(sock)
     except OSError:  # the daemon is gone
         msg = b""
     if not msg:  # retired by the daemon (idle timeout, shutdown) before any request
@@ -229,71 +224,6 @@ def _await_handoff(sock: socket.socket) -> None:
     # terminal would have line buffering.
     if sys.stdout is not None and os.isatty(1) and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
-
-
-CLONE_PARENT = 0x8000
-_SYS_CLONE = {"x86_64": 56, "aarch64": 220}  # clone(flags, 0, 0, 0, 0): order-agnostic
-
-
-def _copy_self(sock: socket.socket, fds: list[int]) -> None:
-    """The daemon asks this ready process for a copy of itself: a refill that costs a
-    ``clone`` (~1 ms) instead of an interpreter boot (~50-100 ms of CPU).
-
-    ``clone(CLONE_PARENT)`` makes the copy the *daemon's* child, not ours: the daemon reaps
-    it and reports its exact exit status like any other. Like forkserver, this copies a
-    single-threaded interpreter that has imported only its preload; with any other thread
-    (``/proc/self/task``) we do not copy. The copy gets the fd the daemon sent as its own
-    control socket (same number as ours) and says READY; we tell the daemon its pid with
-    ``C`` + pid (the daemon checks the sender's credentials and that the pid is its child).
-    A refusal is the daemon's end seeing EOF.
-    """
-    if len(fds) != 1:
-        for fd in fds:
-            os.close(fd)
-        return
-    new = fds[0]
-    try:
-        pid = _clone_parent() if len(os.listdir("/proc/self/task")) == 1 else -1
-    except OSError:
-        pid = -1
-    if pid == 0:  # the copy
-        os.dup2(new, sock.fileno())
-        os.close(new)
-        try:
-            if not _pending(sock):  # copied for a request: its handoff is already queued
-                sock.send(READY)
-        except OSError:
-            pass  # the daemon's end is closed: a handoff queued before that still counts
-        return
-    try:
-        if pid > 0:
-            os.write(new, b"C" + struct.pack("<i", pid))
-    except OSError:
-        pass
-    finally:
-        os.close(new)
-
-
-def _clone_parent() -> int:
-    """``clone(CLONE_PARENT | SIGCHLD)`` with the interpreter's fork hooks around it, as
-    ``os.fork()`` runs them. 0 in the copy, its pid here, -1 if not possible."""
-    import ctypes
-    import signal
-
-    nr = _SYS_CLONE.get(os.uname().machine)
-    if nr is None:
-        return -1
-    libc = ctypes.PyDLL(None)  # a PyDLL call keeps the GIL, as os.fork() does
-    libc.syscall.restype = ctypes.c_long
-    api = ctypes.pythonapi
-    api.PyOS_BeforeFork()
-    pid = libc.syscall(ctypes.c_long(nr), ctypes.c_ulong(CLONE_PARENT | signal.SIGCHLD),
-                       None, None, None, None)
-    if pid == 0:
-        api.PyOS_AfterFork_Child()
-        return 0
-    api.PyOS_AfterFork_Parent()
-    return pid if pid > 0 else -1
 
 
 def _receive_fds(fd: int) -> list[int]:

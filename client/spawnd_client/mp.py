@@ -7,7 +7,8 @@ processes are started by the spawnd daemon, so a large multithreaded program can
 Manager's server and the resource tracker are all posix_spawn'ed by the daemon. With
 ``warm=N`` the daemon keeps ``N`` interpreters started ahead of time with the parent's
 ``__main__`` (and ``preload``) imported, and a start hands one of them the new process's
-fds: the zygote idea without fork. ``register()`` makes ``"spawnd"`` a start method name
+fds. Each is a fresh interpreter the daemon posix_spawned (never a copy of another:
+its own hash seed, its own file offsets), as ``spawn`` would start it. ``register()`` makes ``"spawnd"`` a start method name
 (``multiprocessing.set_start_method("spawnd")``, ``get_context("spawnd")``).
 
 Semantics are ``spawn``'s (a fresh interpreter, the parent's main re-imported as
@@ -49,8 +50,8 @@ class Options:
 
     ``socket``: the daemon (default ``$SPAWND_SOCKET`` or the per-user/system socket, with
     the client's autostart rules). ``warm``: idle pre-started interpreters to keep: ``"auto"`` (default) lets the daemon
-    size the pool from the demand it sees (see docs/multiprocessing.md), an int fixes it
-    (plus one kept back that the others are copied from), 0 turns it off.
+    size the pool from the demand it sees (see docs/multiprocessing.md), an int fixes it,
+    0 turns it off.
     ``preload``: modules a warm interpreter imports before it is needed (``"__main__"``
     means the parent's main module, as ``__mp_main__``). ``idle_timeout``: seconds without
     a start after which the daemon empties the warm pool. ``on_disconnect``/``grace``: what
