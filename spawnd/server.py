@@ -98,19 +98,17 @@ def raise_nofile_limit() -> tuple[int, int]:
     return soft, hard
 
 
-def _with_child_nofile(spec: spawner.SpawnSpec, limits: tuple[int, int] | None
-                       ) -> spawner.SpawnSpec:
+def _with_child_nofile(have: tuple[tuple[int, int, int], ...], limits: tuple[int, int] | None
+                       ) -> tuple[tuple[int, int, int], ...]:
     """Give the child the daemon's original NOFILE limit, unless the request set one.
 
     The daemon raised its own soft limit at start; a request without the caller's limits
-    (an old or minimal client) must not hand that to its child.
+    (an old or minimal client) must not hand that to its child. (Applied to the rlimits
+    before the SpawnSpec is built: a dataclasses.replace per spawn cost 3 µs.)
     """
-    if limits is None:
-        return spec
-    have = spec.rlimits
-    if any(r == resource.RLIMIT_NOFILE for r, _, _ in have):
-        return spec
-    return dataclasses.replace(spec, rlimits=(*have, (resource.RLIMIT_NOFILE, *limits)))
+    if limits is None or any(r == resource.RLIMIT_NOFILE for r, _, _ in have):
+        return have
+    return (*have, (resource.RLIMIT_NOFILE, *limits))
 
 
 class RateLimiter:
@@ -727,6 +725,10 @@ class ConnectionHandler:
         try:
             real = privileged.real_path(exec_fd)
             grant: Grant = self.server.policy.decide(self.peer, req, real, is_script=is_script)
+            inherited = inherited_spec(self.server.policy, self.peer, self.sock, req, grant)
+            # infra: the daemon pre-raised its NOFILE limit; the child gets the original
+            inherited["rlimits"] = _with_child_nofile(inherited["rlimits"],  # type: ignore[arg-type]
+                                                      self.server.child_nofile)
             spec = spawner.SpawnSpec(
                 executable=real if is_script else resolved, argv=grant.argv, env=grant.env,
                 fd_map=tuple(zip(req.child_fds, req.fds, strict=True)), cwd=req.cwd,
@@ -736,9 +738,7 @@ class ConnectionHandler:
                 pgroup=0 if req.process_group is None and not req.start_new_session
                 else req.process_group,
                 exec_fd=None if is_script else exec_fd,
-                restore_signals=req.restore_signals,
-                **inherited_spec(self.server.policy, self.peer, self.sock, req, grant))
-            spec = _with_child_nofile(spec, self.server.child_nofile)  # infra: pre-raise limit
+                restore_signals=req.restore_signals, **inherited)
             if req.warm is not None and not privileged.needs_helper(spec, grant):
                 # multiprocessing warm pool (spawnd/pool.py): an idle equivalent process, or a
                 # fresh one, gets the request's fds by handoff; the caller registers the pid.
@@ -780,25 +780,27 @@ class ConnectionHandler:
 
 _DAEMON_UID = os.geteuid()
 _DAEMON_CAPS = caps.own_permitted()
-_own_state: peer.KernelState | None = None
+_own_state: tuple[peer.KernelState, peer.KernelState | None] | None = None
 
 
 def _daemon_state() -> tuple[peer.KernelState, peer.KernelState | None]:
     """The daemon's own limits/nice/affinity (read once: only start-up changes them, before
     the first spawn), and the most it can give a child: without CAP_SYS_RESOURCE it cannot
     raise a hard limit, without CAP_SYS_NICE it cannot lower nice below RLIMIT_NICE's floor
-    (root in a container often lacks them). None: no ceiling of its own."""
+    (root in a container often lacks them). None: no ceiling of its own. Both are computed
+    once (perf: they were rebuilt per spawn)."""
     global _own_state
     if _own_state is None:
-        _own_state = peer.own_state()
-    own = _own_state
-    limits_ok = "CAP_SYS_RESOURCE" in _DAEMON_CAPS
-    nice_ok = "CAP_SYS_NICE" in _DAEMON_CAPS
-    if limits_ok and nice_ok:
-        return own, None
-    most = peer.daemon_ceiling(own)
-    return own, peer.KernelState(limits={} if limits_ok else most.limits,
-                                 nice=-20 if nice_ok else most.nice)
+        own = peer.own_state()
+        limits_ok = "CAP_SYS_RESOURCE" in _DAEMON_CAPS
+        nice_ok = "CAP_SYS_NICE" in _DAEMON_CAPS
+        if limits_ok and nice_ok:
+            _own_state = own, None
+        else:
+            most = peer.daemon_ceiling(own)
+            _own_state = own, peer.KernelState(limits={} if limits_ok else most.limits,
+                                               nice=-20 if nice_ok else most.nice)
+    return _own_state
 
 
 def caller_cwd(req: P.Spawn) -> bytes | None:
@@ -813,6 +815,12 @@ def caller_cwd(req: P.Spawn) -> bytes | None:
     return base if req.cwd is None else os.path.join(base, req.cwd)
 
 
+#: Same-uid peers' decided state by (limits items, nice, affinity): pure given the daemon's
+#: own state, which never changes after start-up (see _daemon_state).
+_INHERIT_CACHE: dict[tuple[object, ...], peer.Inherited] = {}
+_INHERIT_CACHE_SIZE = 256
+
+
 def inherited_spec(policy: Policy, who: Peer, sock: trio.socket.SocketType, req: P.Spawn,
                    grant: Grant) -> dict[str, object]:
     """SpawnSpec keyword arguments: the caller's cwd fd, and its limits, nice and affinity
@@ -821,7 +829,17 @@ def inherited_spec(policy: Policy, who: Peer, sock: trio.socket.SocketType, req:
     own, most = _daemon_state()
     ceiling: peer.KernelState | None = None
     granted: frozenset[int] = frozenset()
-    if who.uid != _DAEMON_UID:
+    key = None
+    if who.uid == _DAEMON_UID:
+        # The same request state always gives the same answer for a same-uid peer (no kernel
+        # ceiling, no grants): look it up instead of re-deciding 16 limits per spawn.
+        lim = req.limits
+        key = (None if lim is None else tuple(lim.items()), req.nice, req.affinity)
+        got = _INHERIT_CACHE.get(key)
+        if got is not None:
+            return {"cwd_fd": req.cwd_dir_fd, "rlimits": got.rlimits, "nice": got.nice,
+                    "affinity": got.affinity, "ctty": req.ctty}
+    else:
         try:
             ceiling = peer.peer_state(sock, who.pid)  # type: ignore[arg-type]
         except peer.PeerGone as e:
@@ -832,6 +850,10 @@ def inherited_spec(policy: Policy, who: Peer, sock: trio.socket.SocketType, req:
         ceiling = peer.meet(ceiling, most)
     got = peer.decide(peer.wire_limits(req.limits), req.nice, req.affinity, own, ceiling,
                       granted, fill=fill)
+    if key is not None:
+        if len(_INHERIT_CACHE) >= _INHERIT_CACHE_SIZE:
+            _INHERIT_CACHE.clear()  # a client cycling through states: start over
+        _INHERIT_CACHE[key] = got
     return {"cwd_fd": req.cwd_dir_fd, "rlimits": got.rlimits, "nice": got.nice,
             "affinity": got.affinity, "ctty": req.ctty}
 
