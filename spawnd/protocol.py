@@ -17,7 +17,7 @@ import operator
 import struct
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from itertools import chain
 from typing import Any, ClassVar
 
@@ -89,13 +89,34 @@ class Event:
 
     def to_wire(self) -> dict[str, Any]:
         d: dict[str, Any] = {"t": self.T}
-        for f in fields(self):
-            if f.name == "fds_received":
-                continue
-            v = getattr(self, f.name)
+        for name in _wire_names(type(self)):
+            v = getattr(self, name)
             if v is not None:
-                d[f.name] = list(v) if isinstance(v, tuple) else v
+                d[name] = list(v) if type(v) is tuple else v
         return d
+
+
+_WIRE_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _wire_names(cls: type) -> tuple[str, ...]:
+    """The wire fields of an event class, computed once (``fields()`` per send cost µs)."""
+    names = _WIRE_NAMES.get(cls)
+    if names is None:
+        names = _WIRE_NAMES[cls] = tuple(f.name for f in fields(cls) if f.name != "fds_received")
+    return names
+
+
+_SPAWN_DEFAULTS: dict[str, Any] = {}
+
+
+def _spawn_defaults() -> dict[str, Any]:
+    """Spawn's fields that have a default, with it: a request leaves them out (absent means
+    the default to every daemon), so both sides encode, check and decode less per spawn."""
+    if not _SPAWN_DEFAULTS:
+        _SPAWN_DEFAULTS.update({f.name: f.default for f in fields(Spawn)
+                                if f.default is not MISSING and f.name != "fds_received"})
+    return _SPAWN_DEFAULTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +170,15 @@ class Spawn(Event):
     fds_received: tuple[int, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
-        d = Event.to_wire(self)
+        d: dict[str, Any] = {"t": self.T}
+        defaults = _spawn_defaults()
+        missing = MISSING
+        for name in _wire_names(Spawn):
+            v = getattr(self, name)
+            dv = defaults.get(name, missing)
+            if v is None or (dv is not missing and type(v) is type(dv) and v == dv):
+                continue  # None and defaults are what an absent field means
+            d[name] = list(v) if type(v) is tuple else v
         if self.rlimits is not None:
             d["rlimits"] = {k: list(v) for k, v in self.rlimits.items()}
         if self.limits is not None:
@@ -371,7 +400,7 @@ def _parse_spawn(m: Mapping[str, Any], rid: int, fds: tuple[int, ...]) -> Spawn:
         for i, g in enumerate(extra):
             _want(_is_int(g) and 0 <= g < 2**32 - 1, "must be a gid", f"extra_groups[{i}]", rid)
         extra = tuple(extra)
-    caps = _list(m, "capabilities", rid)
+    caps = _list(m, "capabilities", rid) if "capabilities" in m else ()
     for i, c in enumerate(caps):
         _want(isinstance(c, str) and c.isascii() and 0 < len(c) < 64, "must be a capability name",
               f"capabilities[{i}]", rid)
@@ -404,22 +433,23 @@ def _parse_spawn(m: Mapping[str, Any], rid: int, fds: tuple[int, ...]) -> Spawn:
               and 0 < idle <= MAX_WARM_IDLE, f"must be a number of seconds in (0, {MAX_WARM_IDLE:g}]",
               "warm.idle_timeout", rid)
         warm = {"size": size, "idle_timeout": float(idle), **({"auto": True} if auto else {})}
-    namespaces = _parse_namespaces(m, rid)
+    namespaces = _parse_namespaces(m, rid) if "namespaces" in m else ()
     return Spawn(
         id=rid, argv=argv, env=tuple(env),
         executable=None if executable is None else _text(executable, "executable", rid),
         fds=tuple(targets),
         cwd=None if cwd is None else _text(cwd, "cwd", rid),
-        start_new_session=_bool(m, "start_new_session", rid, False),
+        start_new_session="start_new_session" in m and _bool(m, "start_new_session", rid, False),
         process_group=pg,
         on_disconnect=on_disc, grace=float(grace),
-        want_pidfd=_bool(m, "want_pidfd", rid, True),
-        user=_opt_int(m, "user", rid, hi=2**32 - 2), group=_opt_int(m, "group", rid, hi=2**32 - 2),
+        want_pidfd="want_pidfd" not in m or _bool(m, "want_pidfd", rid, True),
+        user=_opt_int(m, "user", rid, hi=2**32 - 2) if "user" in m else None,
+        group=_opt_int(m, "group", rid, hi=2**32 - 2) if "group" in m else None,
         extra_groups=extra, umask=_opt_int(m, "umask", rid, hi=0o777),
         capabilities=tuple(caps), rlimits=rlimits,
-        no_new_privs=_bool(m, "no_new_privs", rid, False),
+        no_new_privs="no_new_privs" in m and _bool(m, "no_new_privs", rid, False),
         warm=warm,
-        restore_signals=_bool(m, "restore_signals", rid, True),
+        restore_signals="restore_signals" not in m or _bool(m, "restore_signals", rid, True),
         cwd_fd=cwd_fd, **_parse_inherited(m, rid, targets),
         namespaces=namespaces,
         fds_received=fds,
