@@ -455,6 +455,7 @@ class ConnectionHandler:
         # detached (never closed: trio's socket owns the fd) by run().
         self._raw: socket.socket | None = None
         self._writing = False  # the writer task is between taking a frame and finishing it
+        self._queued = 0  # frames in the outbox (statistics() builds an object per call)
         self._drained = trio.Event()  # set by the writer each time it has sent something
         # This connection's live children by the id of the Spawn that started them: Signal
         # names a child this way, never by pid. Removed when the child is reaped.
@@ -478,8 +479,7 @@ class ConnectionHandler:
             self.server.stats.note_error(self.peer.uid, event.errno)  # spawnd status
         data = self.proto.send(event)
         fds = fds or []
-        if (self._raw is not None and not self._writing
-                and not self.outbox_send.statistics().current_buffer_used):
+        if self._raw is not None and not self._writing and not self._queued:
             # Fast path: nothing queued, so write now instead of waking the writer task
             # (a reply costs one syscall, not a task switch). What does not fit is queued.
             data, fds = self._send_now(data, fds)
@@ -487,6 +487,7 @@ class ConnectionHandler:
                 return
         try:
             self.outbox_send.send_nowait((data, fds))
+            self._queued += 1
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             _close_all(fds)
 
@@ -533,12 +534,14 @@ class ConnectionHandler:
         while True:
             try:
                 out.append(self.outbox.receive_nowait())
+                self._queued -= 1
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 return out
 
     async def _writer(self) -> None:
         try:
             async for data, fds in self.outbox:
+                self._queued -= 1
                 self._writing = True
                 try:
                     anc = fdpass.ancillary(fds)
@@ -585,7 +588,7 @@ class ConnectionHandler:
         opts = self.server.options
         deadline: float | None = trio.current_time() + opts.handshake_timeout
         while True:
-            while self.outbox_send.statistics().current_buffer_used >= MAX_BACKLOG:
+            while self._queued >= MAX_BACKLOG:
                 self._drained = trio.Event()  # a client that sends but never reads: wait
                 await self._drained.wait()
             try:
