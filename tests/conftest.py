@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import spawnd_client
@@ -146,3 +148,34 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
 @pytest.fixture
 def client(daemon: Daemon) -> spawnd_client.Client:
     return daemon.client()
+
+
+# -- real other users (tests/secutil.py), shared by the end-to-end test modules
+
+@pytest.fixture(scope="module")
+def accounts() -> Iterator[Any]:
+    """Two throw-away users (useradd); skipped where the machine cannot make them."""
+    import secutil  # it imports this module
+
+    why = secutil.missing_prerequisite()
+    if why:
+        pytest.skip(why)
+    yield from secutil.make_accounts()
+
+
+@pytest.fixture(scope="module")
+def shared() -> Iterator[Path]:
+    """A directory every test user can read (they cannot read the checkout under /root)."""
+    import secutil
+
+    d = secutil.make_shared_dir()
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def clients(shared: Path) -> Any:
+    """Runs client code as a test user against the copy of the library in ``shared``."""
+    import secutil
+
+    return secutil.ClientLib(secutil.install_client_library(shared))

@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -119,12 +118,6 @@ def _world_readable_tree(dest: Path) -> Path:
     return lib
 
 
-@pytest.fixture(scope="module")
-def accounts() -> Iterator[secutil.Accounts]:
-    why = secutil.missing_prerequisite()
-    if why:
-        pytest.skip(why)
-    yield from secutil.make_accounts()
 
 
 def test_serve_as_user_without_xdg_runtime_dir(accounts: secutil.Accounts) -> None:

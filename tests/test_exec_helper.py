@@ -25,9 +25,6 @@ from conftest import Daemon
 from secutil import (
     Accounts,
     ClientLib,
-    install_client_library,
-    make_accounts,
-    make_shared_dir,
     missing_prerequisite,
     start_root_daemon,
 )
@@ -51,23 +48,6 @@ def helper(request: pytest.FixtureRequest) -> Iterator[str]:
     privileged.configure(request.param)
     yield request.param
     privileged.configure("auto")
-
-
-@pytest.fixture(scope="module")
-def accounts() -> Iterator[Accounts]:
-    yield from make_accounts()
-
-
-@pytest.fixture(scope="module")
-def shared() -> Iterator[Path]:
-    d = make_shared_dir()
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def clients(shared: Path) -> ClientLib:
-    return ClientLib(install_client_library(shared))
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,9 +22,6 @@ from conftest import REPO, Daemon
 from secutil import (
     Accounts,
     ClientLib,
-    install_client_library,
-    make_accounts,
-    make_shared_dir,
     missing_prerequisite,
     start_root_daemon,
 )
@@ -207,23 +203,10 @@ needs_root = pytest.mark.skipif(missing_prerequisite() is not None,
                                 reason=missing_prerequisite() or "")
 
 
-@pytest.fixture(scope="module")
-def accounts() -> Iterator[Accounts]:
-    if missing_prerequisite() is not None:
-        pytest.skip(missing_prerequisite() or "")
-    yield from make_accounts()
 
 
-@pytest.fixture(scope="module")
-def shared() -> Iterator[Path]:
-    d = make_shared_dir()
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def clients(shared: Path) -> ClientLib:
-    return ClientLib(install_client_library(shared))
 
 
 @pytest.fixture

@@ -30,9 +30,6 @@ from secutil import (
     ClientLib,
     daemon_env,
     finish,
-    install_client_library,
-    make_accounts,
-    make_shared_dir,
     missing_prerequisite,
     start_root_daemon,
     write_policy,
@@ -59,22 +56,6 @@ BIND = ("import errno, socket, sys\n"
 
 
 # ---------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def accounts() -> Iterator[Accounts]:
-    yield from make_accounts()
-
-
-@pytest.fixture(scope="module")
-def shared() -> Iterator[Path]:
-    d = make_shared_dir()
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def clients(shared: Path) -> ClientLib:
-    return ClientLib(install_client_library(shared))
 
 
 @pytest.fixture(scope="module", params=["c", "python"])
@@ -392,11 +373,14 @@ def test_max_children_per_uid(accounts: Accounts, clients: ClientLib,
         again = "c = connect()\nresult['r'] = attempt(run, ['/usr/bin/true'], c)\n"
         assert_refused(clients.run(a, d.path, again)["r"], errno.EAGAIN, "limit", None)
         assert clients.run(b, d.path, again)["r"]["ok"]["rc"] == 0
-        # Nor may b signal a's children (orphaned or not, they are not b's to touch).
+        # Nor may b signal a's children (orphaned or not, they are not b's to touch): a signal
+        # names a child by the spawn request that started it on the sender's own connection,
+        # so a's children cannot even be named by b (ids 1-3 were a's spawns).
         kill = ("c = connect()\n"
-                "result['r'] = attempt(raw, c, 'Signal', pid=P['pid'], signal=9)\n")
-        assert_refused(clients.run(b, d.path, kill, pid=pids[0])["r"], errno.EPERM,
-                       "policy", "pid")
+                "result['r'] = [attempt(raw, c, 'Signal', child=i, signal=9)"
+                " for i in (1, 2, 3)]\n")
+        for r in clients.run(b, d.path, kill)["r"]:
+            assert_refused(r, errno.ESRCH, "policy", "child")
         assert pids[0] in dict(children_of(d.pid))
         # One exits: a may spawn again (one at a time: the other sleep is still live).
         os.kill(pids[0], signal.SIGKILL)

@@ -50,9 +50,11 @@ def spawn_request(rid: int, argv: Sequence[StrOrBytes], *, env: Mapping[Any, Any
     with ``EBADF`` before any byte leaves, and the transport hands that to the caller.
     """
     items = sorted(fds.items()) if fds else []
-    if len(items) > P.MAX_FDS:
+    room = P.MAX_FDS - (caller is not None and caller.cwd_fd is not None)  # our cwd goes too
+    if len(items) > room:
         raise OSError(errno.E2BIG, f"{len(items)} fds for one child; spawnd passes at most "
-                      f"{P.MAX_FDS} (SCM_MAX_FD per message), stdio included")
+                      f"{room} (SCM_MAX_FD per message, stdio included, less one for the "
+                      "caller's cwd)")
     if caller is not None:  # inherit the caller's state (issue 11): see _caller.py
         flags = _with_caller(flags, caller)
     req = P.Spawn(
