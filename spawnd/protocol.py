@@ -97,6 +97,7 @@ class Event:
 
 
 _WIRE_NAMES: dict[type, tuple[str, ...]] = {}
+_FIELD_SETS: dict[type, frozenset[str]] = {}
 
 
 def _wire_names(cls: type) -> tuple[str, ...]:
@@ -544,12 +545,9 @@ def _parse(m: Any, fds: tuple[int, ...], allowed: Mapping[str, type[Event]]) -> 
     if fds and cls is not Spawned:
         raise ProtocolError(f"fds arrived with a {t!r} message, which carries none",
                             field="fds", request_id=rid, errno=_errno.EBADF)
-    kwargs: dict[str, Any] = {}
-    for f in fields(cls):
-        if f.name == "fds_received":
-            kwargs[f.name] = fds
-        elif f.name in m:
-            kwargs[f.name] = m[f.name]
+    kwargs: dict[str, Any] = {name: m[name] for name in _wire_names(cls) if name in m}
+    if "fds_received" in _FIELD_SETS.setdefault(cls, frozenset(f.name for f in fields(cls))):
+        kwargs["fds_received"] = fds
     try:
         ev = cls(**kwargs)
     except TypeError as e:
@@ -592,12 +590,13 @@ _SIMPLE_TYPES["report"] = (str,)
 
 
 def _check_types(ev: Event, rid: int | None) -> None:
-    for f in fields(ev):
-        want = _SIMPLE_TYPES.get(f.name)
-        v = getattr(ev, f.name)
-        if want is not None and v is not None:
-            ok = isinstance(v, want) and not (want == (int,) and isinstance(v, bool))
-            _want(ok, f"must be {want[0].__name__}", f.name, rid)
+    for name in _wire_names(type(ev)):
+        want = _SIMPLE_TYPES.get(name)
+        if want is not None:
+            v = getattr(ev, name)
+            if v is not None:
+                ok = isinstance(v, want) and not (want == (int,) and isinstance(v, bool))
+                _want(ok, f"must be {want[0].__name__}", name, rid)
 
 
 def _rid(m: Mapping[str, Any]) -> int | None:
