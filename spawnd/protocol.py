@@ -861,26 +861,32 @@ def _precheck(body: bytes) -> None:
         while pending:
             b = body[i]
             pending -= 1
+            if b == 0xC4:  # bin8: argv and env entries come in runs, skip them in a tight loop
+                i += 2 + body[i + 1]
+                while pending and body[i] == 0xC4:
+                    i += 2 + body[i + 1]
+                    pending -= 1
+                continue
             if 0xA0 <= b <= 0xBF:  # fixstr (the common cases first)
                 i += 1 + (b & 0x1F)
                 continue
-            if b == 0xD9 or b == 0xC4:  # str8, bin8
+            if b < 0x80 or b >= 0xE0:  # fixints (limits, ids)
+                i += 1
+                continue
+            if 0x80 <= b <= 0x9F:  # fixmap, fixarray (limits values are [soft, hard])
+                kind, count, i = ("map" if b < 0x90 else "array"), b & 0x0F, i + 1
+            elif b == 0xD9:  # str8
                 i += 2 + body[i + 1]
                 continue
-            size = fixed.get(b)
-            if size is not None:
+            elif (size := fixed.get(b)) is not None:
                 i += size
                 continue
-            if b == 0xDA or b == 0xC5:
+            elif b == 0xDA or b == 0xC5:
                 i += 3 + _U16(body, i + 1)[0]
                 continue
-            if b == 0xDB or b == 0xC6:
+            elif b == 0xDB or b == 0xC6:
                 i += 5 + _U32(body, i + 1)[0]
                 continue
-            if 0x90 <= b <= 0x9F:
-                kind, count, i = "array", b & 0x0F, i + 1
-            elif 0x80 <= b <= 0x8F:
-                kind, count, i = "map", b & 0x0F, i + 1
             elif b == 0xDC:
                 kind, count, i = "array", _U16(body, i + 1)[0], i + 3
             elif b == 0xDD:
