@@ -559,11 +559,25 @@ class ConnectionHandler:
         self.scope.cancel()
 
     async def _recv(self) -> tuple[bytes, list[int], bool]:
-        try:
-            data, anc, flags, _ = await self.sock.recvmsg(RECV_SIZE, FD_SPACE,
-                                                          socket.MSG_CMSG_CLOEXEC)
-        except ConnectionResetError:  # closed with our replies unread: just a disconnect
-            return b"", [], False
+        # Non-blocking on the raw handle, waiting for readability only when nothing is there:
+        # trio's sock.recvmsg also yields once more after every successful read (a pass
+        # through the run loop and an epoll_wait per request). We still yield when we did
+        # not wait, so a client that never stops sending cannot starve the others.
+        raw = self._raw
+        assert raw is not None
+        waited = False
+        while True:
+            try:
+                data, anc, flags, _ = raw.recvmsg(RECV_SIZE, FD_SPACE,
+                                                  socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+                break
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+                waited = True
+            except ConnectionResetError:  # closed with our replies unread: just a disconnect
+                return b"", [], False
+        if not waited:  # shielded: a cancel now would lose what was just read (and its fds)
+            await trio.lowlevel.cancel_shielded_checkpoint()
         fds = fdpass.received_fds(anc)
         if flags & socket.MSG_CTRUNC:
             # At our fd limit the kernel installs what fits and drops the rest: only the
