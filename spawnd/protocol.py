@@ -108,15 +108,16 @@ def _wire_names(cls: type) -> tuple[str, ...]:
     return names
 
 
-_SPAWN_DEFAULTS: dict[str, Any] = {}
+_SPAWN_DEFAULTS: list[tuple[str, Any]] = []
 
 
-def _spawn_defaults() -> dict[str, Any]:
-    """Spawn's fields that have a default, with it: a request leaves them out (absent means
-    the default to every daemon), so both sides encode, check and decode less per spawn."""
+def _spawn_defaults() -> list[tuple[str, Any]]:
+    """Spawn's wire fields with their default (None for required ones, which are never
+    None): a request leaves defaults out (absent means the default to every daemon), so
+    both sides encode, check and decode less per spawn."""
     if not _SPAWN_DEFAULTS:
-        _SPAWN_DEFAULTS.update({f.name: f.default for f in fields(Spawn)
-                                if f.default is not MISSING and f.name != "fds_received"})
+        _SPAWN_DEFAULTS.extend((f.name, None if f.default is MISSING else f.default)
+                               for f in fields(Spawn) if f.name != "fds_received")
     return _SPAWN_DEFAULTS
 
 
@@ -172,12 +173,9 @@ class Spawn(Event):
 
     def to_wire(self) -> dict[str, Any]:
         d: dict[str, Any] = {"t": self.T}
-        defaults = _spawn_defaults()
-        missing = MISSING
-        for name in _wire_names(Spawn):
+        for name, dv in _spawn_defaults():
             v = getattr(self, name)
-            dv = defaults.get(name, missing)
-            if v is None or (dv is not missing and type(v) is type(dv) and v == dv):
+            if v is None or v is dv or (type(v) is type(dv) and v == dv):
                 continue  # None and defaults are what an absent field means
             d[name] = list(v) if type(v) is tuple else v
         if self.rlimits is not None:
@@ -546,7 +544,10 @@ def _parse(m: Any, fds: tuple[int, ...], allowed: Mapping[str, type[Event]]) -> 
         raise ProtocolError(f"fds arrived with a {t!r} message, which carries none",
                             field="fds", request_id=rid, errno=_errno.EBADF)
     kwargs: dict[str, Any] = {name: m[name] for name in _wire_names(cls) if name in m}
-    if "fds_received" in _FIELD_SETS.setdefault(cls, frozenset(f.name for f in fields(cls))):
+    names = _FIELD_SETS.get(cls)
+    if names is None:
+        names = _FIELD_SETS[cls] = frozenset(f.name for f in fields(cls))
+    if "fds_received" in names:
         kwargs["fds_received"] = fds
     try:
         ev = cls(**kwargs)
