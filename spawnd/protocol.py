@@ -353,12 +353,24 @@ def _list(m: Mapping[str, Any], key: str, rid: int | None) -> list[Any]:
     return v
 
 
-def _parse_spawn(m: Mapping[str, Any], rid: int, fds: tuple[int, ...]) -> Spawn:
-    argv_raw = m.get("argv")
-    _want(isinstance(argv_raw, list), "must be an array of strings", "argv", rid)
-    _want(len(argv_raw) > 0, "must not be empty (argv[0] is the program name)", "argv", rid)
-    argv = _texts(argv_raw, "argv", rid)
-    env = _texts(_list(m, "env", rid), "env", rid)
+_ENV_OK: dict[tuple[bytes, ...], None] = {}
+_ENV_OK_SIZE = 16
+_ENV_OK_BYTES = 32 * 1024
+
+
+def _env(items: list[Any], rid: int) -> tuple[bytes, ...]:
+    """``env``: strings without NUL, each KEY=VALUE with a non-empty KEY, no KEY twice.
+
+    A client sends the same environment with every spawn: an env validated before (equal
+    content, compared in C) is not checked again. The answer depends on the content alone.
+    """
+    key = tuple(items)
+    try:
+        if key in _ENV_OK:
+            return key
+    except TypeError:  # unhashable entries: the checks below refuse them
+        pass
+    env = _texts(items, "env", rid)
     try:  # one pass; any doubt falls to the loop below, which names the culprit
         keys = {e[:e.index(b"=")] for e in env}  # (2x faster than dict(map(split)))
     except ValueError:  # an entry without "="
@@ -366,12 +378,25 @@ def _parse_spawn(m: Mapping[str, Any], rid: int, fds: tuple[int, ...]) -> Spawn:
     if len(keys) != len(env) or b"" in keys:
         seen: set[bytes] = set()
         for i, b in enumerate(env):
-            key, eq, _ = b.partition(b"=")
-            _want(bool(eq) and bool(key), "must be KEY=VALUE with a non-empty KEY",
+            k, eq, _ = b.partition(b"=")
+            _want(bool(eq) and bool(k), "must be KEY=VALUE with a non-empty KEY",
                   f"env[{i}]", rid)
-            _want(key not in seen, f"duplicate variable {_short(key.decode('utf-8', 'replace'))}",
+            _want(k not in seen, f"duplicate variable {_short(k.decode('utf-8', 'replace'))}",
                   f"env[{i}]", rid)
-            seen.add(key)
+            seen.add(k)
+    if sum(map(len, env)) <= _ENV_OK_BYTES:  # bounded: at most 16 x 32 KiB kept
+        if len(_ENV_OK) >= _ENV_OK_SIZE:
+            _ENV_OK.clear()
+        _ENV_OK[env] = None
+    return env
+
+
+def _parse_spawn(m: Mapping[str, Any], rid: int, fds: tuple[int, ...]) -> Spawn:
+    argv_raw = m.get("argv")
+    _want(isinstance(argv_raw, list), "must be an array of strings", "argv", rid)
+    _want(len(argv_raw) > 0, "must not be empty (argv[0] is the program name)", "argv", rid)
+    argv = _texts(argv_raw, "argv", rid)
+    env = _env(_list(m, "env", rid), rid)
     targets = _list(m, "fds", rid)
     if len(targets) > MAX_FDS:  # (messages are formatted only on failure: hot path)
         _want(False, f"at most {MAX_FDS} fds", "fds", rid)
