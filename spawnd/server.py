@@ -734,8 +734,10 @@ class ConnectionHandler:
         (the interpreter re-opens them by name; policy may forbid scripts).
         """
         assert self.peer is not None
-        path_env = next((e[5:] for e in req.env if e.startswith(b"PATH=")), None)
         name = req.executable if req.executable is not None else req.argv[0]
+        # (PATH is looked for only when it is used: a scan of the whole env per spawn)
+        path_env = (None if b"/" in name
+                    else next((e[5:] for e in req.env if e.startswith(b"PATH=")), None))
         cwd = caller_cwd(req)  # issue 11: relative names resolve in the caller's cwd
         resolved = spawner.resolve_executable(name, path_env, cwd)
         exec_fd, is_script = privileged.open_executable(resolved, cwd)
@@ -756,12 +758,13 @@ class ConnectionHandler:
                 else req.process_group,
                 exec_fd=None if is_script else exec_fd,
                 restore_signals=req.restore_signals, **inherited)
-            if req.warm is not None and not privileged.needs_helper(spec, grant):
+            helper = privileged.needs_helper(spec, grant)
+            if req.warm is not None and not helper:
                 # multiprocessing warm pool (spawnd/pool.py): an idle equivalent process, or a
                 # fresh one, gets the request's fds by handoff; the caller registers the pid.
                 spec = pool_spec(spec)  # issue 11: pools key on, and refill in, a cwd path
                 return self.server.pool.take(self.peer.uid, self.peer.gid, spec, grant, req.warm)
-            if privileged.needs_helper(spec, grant):
+            if helper:
                 return await privileged.spawn_privileged(spec, grant)
             return spawner.spawn(spec)
         finally:
