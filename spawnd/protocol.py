@@ -535,12 +535,30 @@ def _limits_fast(lim: dict[Any, Any]) -> dict[str, tuple[int, int]] | None:
     if not lim:
         return {}
     vals = list(lim.values())
+    # The same 16 limits come with every spawn: a map seen before (exact types, equal
+    # values) gets its validated copy back; building the key is cheaper than checking.
+    try:
+        flat = tuple(chain.from_iterable(vals))
+        key = (tuple(lim), flat, tuple(map(len, vals)))
+        hit = _LIMITS_OK.get(key)
+    except TypeError:  # not lists of hashables: the checks below refuse them
+        hit = None
+    if hit is not None and set(map(type, flat)) <= _INT_ONLY and set(map(type, vals)) <= _LIST_ONLY:
+        return hit
     if (set(map(type, lim)) <= _STR_ONLY and set(map(type, vals)) <= _LIST_ONLY
             and set(map(len, vals)) == {2} and 0 < min(map(len, lim)) and max(map(len, lim)) < 32):
-        flat = list(chain.from_iterable(vals))
+        flat = tuple(chain.from_iterable(vals))
         if set(map(type, flat)) <= _INT_ONLY and min(flat) >= -1 and max(flat) < 2**64:
-            return dict(zip(lim, map(tuple, vals), strict=True))
+            out = dict(zip(lim, map(tuple, vals), strict=True))
+            if len(_LIMITS_OK) >= 16:
+                _LIMITS_OK.clear()
+            _LIMITS_OK[(tuple(lim), flat, tuple(map(len, vals)))] = out
+            return out
     return None
+
+
+#: Validated ``limits`` maps by (names, flattened values, value lengths); see _limits_fast.
+_LIMITS_OK: dict[tuple[Any, ...], dict[str, tuple[int, int]]] = {}
 
 
 def _parse_namespaces(m: Mapping[str, Any], rid: int) -> tuple[str, ...]:
