@@ -1,5 +1,9 @@
 """Part: CPU per spawn (daemon and client) and import times (issue 12, targets 3 and 6).
 
+Also the floor (``bench/floor.py``): a minimal trio daemon measured in the same run, bare
+and with spawnd's caller-state capture and protocol added, which isolates what a miss of
+targets 1-3 is made of.
+
 Daemon CPU: utime+stime of the daemon from ``/proc/PID/stat`` across ``n`` plain
 ``Client.spawn(["/bin/true"]) + wait`` (no other client is active on the bench daemon
 meanwhile); client CPU: ``getrusage(RUSAGE_SELF)`` of the one-threaded runner over the
@@ -72,6 +76,13 @@ def run(socket_path: str, *, quick: bool) -> dict[str, Any]:
     n = 100 if quick else 1000
     log(f"  cost: daemon and client CPU over {n} spawns")
     res = run_runner(MODULE, {"socket": socket_path, "n": n}, timeout=600)
+    log(f"  cost: the floor (a minimal trio daemon, bench/floor.py), {n} spawns per variant")
+    try:
+        from . import floor
+
+        res["floor"] = floor.measure(n)
+    except Exception as e:  # informational: never fail the part for it
+        res["floor"] = {"error": f"{type(e).__name__}: {e}"}
     log(f"  cost: import times, {3 if quick else 15} rounds")
     res["imports"] = _imports(3 if quick else 15)
     return res

@@ -456,7 +456,7 @@ class Policy:
                           deny: _Deny, compiled: _CompiledRule | None = None) -> None:
         fld = "executable" if req.executable is not None else "argv[0]"
         c = compiled or _CompiledRule(rule)
-        if not executable.startswith(b"/") or os.path.normpath(executable) != executable:
+        if not executable.startswith(b"/") or not _canonical(executable):
             deny(1, f"{os.fsdecode(executable)!r} is not a canonical absolute path", fld,
                  errno.EINVAL)
         if not (executable.startswith(c.exec_dirs) or executable in c.exec_files):
@@ -537,6 +537,14 @@ class Policy:
                 deny(4, f"{name} is not in env_allow", f"env[{i}]")
             if deny_m(name):
                 deny(4, f"{name} is in env_deny", f"env[{i}]")
+
+
+def _canonical(path: bytes) -> bool:
+    """``os.path.normpath(path) == path``, without normpath for the usual path (which has no
+    ``//``, no ``/.`` and no trailing ``/``: normpath changes none of those)."""
+    if b"//" not in path and b"/." not in path and not path.endswith(b"/"):
+        return True
+    return os.path.normpath(path) == path
 
 
 class _CompiledRule:

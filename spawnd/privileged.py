@@ -105,12 +105,29 @@ def open_executable(path: bytes, cwd: bytes | None = None) -> tuple[int, bool]:
     except OSError as e:
         raise OSError(e.errno, e.strerror, path) from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EACCES, os.strerror(errno.EACCES), path)
-        return fd, _is_script(fd)
+        # The #! probe (a reopen through /proc, a read, a close) per file version, not per
+        # spawn: any write to the file changes its mtime/ctime (ctime cannot be set back).
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        script = _SCRIPT_CACHE.get(key)
+        if script is None:
+            script = _is_script(fd)
+            if len(_SCRIPT_CACHE) >= _SCRIPT_CACHE_SIZE:
+                _SCRIPT_CACHE.clear()
+            _SCRIPT_CACHE[key] = script
+        return fd, script
     except BaseException:
         os.close(fd)
         raise
+
+
+#: (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns) of an opened executable -> is it a
+#: #! script. Only the probe's answer is cached: every spawn still opens and runs the file
+#: by fd, so a path swapped meanwhile is a different key.
+_SCRIPT_CACHE: dict[tuple[int, ...], bool] = {}
+_SCRIPT_CACHE_SIZE = 512
 
 
 def _is_script(fd: int) -> bool:

@@ -17,7 +17,8 @@ import operator
 import struct
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
+from itertools import chain
 from typing import Any, ClassVar
 
 import msgpack
@@ -87,13 +88,36 @@ class Event:
 
     def to_wire(self) -> dict[str, Any]:
         d: dict[str, Any] = {"t": self.T}
-        for f in fields(self):
-            if f.name == "fds_received":
-                continue
-            v = getattr(self, f.name)
+        for name in _wire_names(type(self)):
+            v = getattr(self, name)
             if v is not None:
-                d[f.name] = list(v) if isinstance(v, tuple) else v
+                d[name] = list(v) if type(v) is tuple else v
         return d
+
+
+_WIRE_NAMES: dict[type, tuple[str, ...]] = {}
+_FIELD_SETS: dict[type, frozenset[str]] = {}
+
+
+def _wire_names(cls: type) -> tuple[str, ...]:
+    """The wire fields of an event class, computed once (``fields()`` per send cost µs)."""
+    names = _WIRE_NAMES.get(cls)
+    if names is None:
+        names = _WIRE_NAMES[cls] = tuple(f.name for f in fields(cls) if f.name != "fds_received")
+    return names
+
+
+_SPAWN_DEFAULTS: list[tuple[str, Any]] = []
+
+
+def _spawn_defaults() -> list[tuple[str, Any]]:
+    """Spawn's wire fields with their default (None for required ones, which are never
+    None): a request leaves defaults out (absent means the default to every daemon), so
+    both sides encode, check and decode less per spawn."""
+    if not _SPAWN_DEFAULTS:
+        _SPAWN_DEFAULTS.extend((f.name, None if f.default is MISSING else f.default)
+                               for f in fields(Spawn) if f.name != "fds_received")
+    return _SPAWN_DEFAULTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +171,12 @@ class Spawn(Event):
     fds_received: tuple[int, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
-        d = Event.to_wire(self)
+        d: dict[str, Any] = {"t": self.T}
+        for name, dv in _spawn_defaults():
+            v = getattr(self, name)
+            if v is None or v is dv or (type(v) is type(dv) and v == dv):
+                continue  # None and defaults are what an absent field means
+            d[name] = list(v) if type(v) is tuple else v
         if self.rlimits is not None:
             d["rlimits"] = {k: list(v) for k, v in self.rlimits.items()}
         if self.limits is not None:
@@ -323,25 +352,50 @@ def _list(m: Mapping[str, Any], key: str, rid: int | None) -> list[Any]:
     return v
 
 
+_ENV_OK: dict[tuple[bytes, ...], None] = {}
+_ENV_OK_SIZE = 16
+_ENV_OK_BYTES = 32 * 1024
+
+
+def _env(items: list[Any], rid: int) -> tuple[bytes, ...]:
+    """``env``: strings without NUL, each KEY=VALUE with a non-empty KEY, no KEY twice.
+
+    A client sends the same environment with every spawn: an env validated before (equal
+    content, compared in C) is not checked again. The answer depends on the content alone.
+    """
+    key = tuple(items)
+    try:
+        if key in _ENV_OK:
+            return key
+    except TypeError:  # unhashable entries: the checks below refuse them
+        pass
+    env = _texts(items, "env", rid)
+    try:  # one pass; any doubt falls to the loop below, which names the culprit
+        keys = {e[:e.index(b"=")] for e in env}  # (2x faster than dict(map(split)))
+    except ValueError:  # an entry without "="
+        keys = set()
+    if len(keys) != len(env) or b"" in keys:
+        seen: set[bytes] = set()
+        for i, b in enumerate(env):
+            k, eq, _ = b.partition(b"=")
+            _want(bool(eq) and bool(k), "must be KEY=VALUE with a non-empty KEY",
+                  f"env[{i}]", rid)
+            _want(k not in seen, f"duplicate variable {_short(k.decode('utf-8', 'replace'))}",
+                  f"env[{i}]", rid)
+            seen.add(k)
+    if sum(map(len, env)) <= _ENV_OK_BYTES:  # bounded: at most 16 x 32 KiB kept
+        if len(_ENV_OK) >= _ENV_OK_SIZE:
+            _ENV_OK.clear()
+        _ENV_OK[env] = None
+    return env
+
+
 def _parse_spawn(m: Mapping[str, Any], rid: int, fds: tuple[int, ...]) -> Spawn:
     argv_raw = m.get("argv")
     _want(isinstance(argv_raw, list), "must be an array of strings", "argv", rid)
     _want(len(argv_raw) > 0, "must not be empty (argv[0] is the program name)", "argv", rid)
     argv = _texts(argv_raw, "argv", rid)
-    env = _texts(_list(m, "env", rid), "env", rid)
-    try:  # one C-level pass; any doubt falls to the loop below, which names the culprit
-        keys = dict(map(_SPLIT_EQ, env))
-    except ValueError:  # an entry without "="
-        keys = {}
-    if len(keys) != len(env) or b"" in keys:
-        seen: set[bytes] = set()
-        for i, b in enumerate(env):
-            key, eq, _ = b.partition(b"=")
-            _want(bool(eq) and bool(key), "must be KEY=VALUE with a non-empty KEY",
-                  f"env[{i}]", rid)
-            _want(key not in seen, f"duplicate variable {_short(key.decode('utf-8', 'replace'))}",
-                  f"env[{i}]", rid)
-            seen.add(key)
+    env = _env(_list(m, "env", rid), rid)
     targets = _list(m, "fds", rid)
     if len(targets) > MAX_FDS:  # (messages are formatted only on failure: hot path)
         _want(False, f"at most {MAX_FDS} fds", "fds", rid)
@@ -369,7 +423,7 @@ def _parse_spawn(m: Mapping[str, Any], rid: int, fds: tuple[int, ...]) -> Spawn:
         for i, g in enumerate(extra):
             _want(_is_int(g) and 0 <= g < 2**32 - 1, "must be a gid", f"extra_groups[{i}]", rid)
         extra = tuple(extra)
-    caps = _list(m, "capabilities", rid)
+    caps = _list(m, "capabilities", rid) if "capabilities" in m else ()
     for i, c in enumerate(caps):
         _want(isinstance(c, str) and c.isascii() and 0 < len(c) < 64, "must be a capability name",
               f"capabilities[{i}]", rid)
@@ -402,22 +456,23 @@ def _parse_spawn(m: Mapping[str, Any], rid: int, fds: tuple[int, ...]) -> Spawn:
               and 0 < idle <= MAX_WARM_IDLE, f"must be a number of seconds in (0, {MAX_WARM_IDLE:g}]",
               "warm.idle_timeout", rid)
         warm = {"size": size, "idle_timeout": float(idle), **({"auto": True} if auto else {})}
-    namespaces = _parse_namespaces(m, rid)
+    namespaces = _parse_namespaces(m, rid) if "namespaces" in m else ()
     return Spawn(
         id=rid, argv=argv, env=tuple(env),
         executable=None if executable is None else _text(executable, "executable", rid),
         fds=tuple(targets),
         cwd=None if cwd is None else _text(cwd, "cwd", rid),
-        start_new_session=_bool(m, "start_new_session", rid, False),
+        start_new_session="start_new_session" in m and _bool(m, "start_new_session", rid, False),
         process_group=pg,
         on_disconnect=on_disc, grace=float(grace),
-        want_pidfd=_bool(m, "want_pidfd", rid, True),
-        user=_opt_int(m, "user", rid, hi=2**32 - 2), group=_opt_int(m, "group", rid, hi=2**32 - 2),
+        want_pidfd="want_pidfd" not in m or _bool(m, "want_pidfd", rid, True),
+        user=_opt_int(m, "user", rid, hi=2**32 - 2) if "user" in m else None,
+        group=_opt_int(m, "group", rid, hi=2**32 - 2) if "group" in m else None,
         extra_groups=extra, umask=_opt_int(m, "umask", rid, hi=0o777),
         capabilities=tuple(caps), rlimits=rlimits,
-        no_new_privs=_bool(m, "no_new_privs", rid, False),
+        no_new_privs="no_new_privs" in m and _bool(m, "no_new_privs", rid, False),
         warm=warm,
-        restore_signals=_bool(m, "restore_signals", rid, True),
+        restore_signals="restore_signals" not in m or _bool(m, "restore_signals", rid, True),
         cwd_fd=cwd_fd, **_parse_inherited(m, rid, targets),
         namespaces=namespaces,
         fds_received=fds,
@@ -435,6 +490,11 @@ def _parse_inherited(m: Mapping[str, Any], rid: int, targets: list[Any]) -> dict
     lim = m.get("limits")
     if lim is not None:
         _want(isinstance(lim, dict), "must be a map of name to [soft, hard]", "limits", rid)
+        fast = _limits_fast(lim)
+        if fast is not None:
+            out["limits"] = fast
+            lim = None  # validated: skip the per-entry loop below (it names the culprit)
+    if lim is not None:
         limits: dict[str, tuple[int, int]] = {}
         for k, v in lim.items():
             _want(isinstance(k, str) and 0 < len(k) < 32, "keys must be names", "limits", rid)
@@ -451,7 +511,7 @@ def _parse_inherited(m: Mapping[str, Any], rid: int, targets: list[Any]) -> dict
     aff = m.get("affinity")
     if aff is not None:
         _want(isinstance(aff, list) and 0 < len(aff) <= MAX_CPUS
-              and all(_is_int(c) and 0 <= c < MAX_CPUS for c in aff),
+              and set(map(type, aff)) <= _INT_ONLY and min(aff) >= 0 and max(aff) < MAX_CPUS,
               f"must be a non-empty array of CPU numbers below {MAX_CPUS}", "affinity", rid)
         out["affinity"] = tuple(aff)
     ctty = m.get("ctty")
@@ -460,6 +520,44 @@ def _parse_inherited(m: Mapping[str, Any], rid: int, targets: list[Any]) -> dict
               "ctty", rid)
         out["ctty"] = ctty
     return out
+
+
+_INT_ONLY = frozenset({int})
+_LIST_ONLY = frozenset({list})
+_STR_ONLY = frozenset({str})
+
+
+def _limits_fast(lim: dict[Any, Any]) -> dict[str, tuple[int, int]] | None:
+    """``limits`` checked in C-level passes (16 entries per spawn); None: let the per-entry
+    loop find and name what is wrong. Same rules: names of 1..31 chars, [soft, hard] ints
+    (not bools) in [-1, 2**64)."""
+    if not lim:
+        return {}
+    vals = list(lim.values())
+    # The same 16 limits come with every spawn: a map seen before (exact types, equal
+    # values) gets its validated copy back; building the key is cheaper than checking.
+    try:
+        flat = tuple(chain.from_iterable(vals))
+        key = (tuple(lim), flat, tuple(map(len, vals)))
+        hit = _LIMITS_OK.get(key)
+    except TypeError:  # not lists of hashables: the checks below refuse them
+        hit = None
+    if hit is not None and set(map(type, flat)) <= _INT_ONLY and set(map(type, vals)) <= _LIST_ONLY:
+        return hit
+    if (set(map(type, lim)) <= _STR_ONLY and set(map(type, vals)) <= _LIST_ONLY
+            and set(map(len, vals)) == {2} and 0 < min(map(len, lim)) and max(map(len, lim)) < 32):
+        flat = tuple(chain.from_iterable(vals))
+        if set(map(type, flat)) <= _INT_ONLY and min(flat) >= -1 and max(flat) < 2**64:
+            out = dict(zip(lim, map(tuple, vals), strict=True))
+            if len(_LIMITS_OK) >= 16:
+                _LIMITS_OK.clear()
+            _LIMITS_OK[(tuple(lim), flat, tuple(map(len, vals)))] = out
+            return out
+    return None
+
+
+#: Validated ``limits`` maps by (names, flattened values, value lengths); see _limits_fast.
+_LIMITS_OK: dict[tuple[Any, ...], dict[str, tuple[int, int]]] = {}
 
 
 def _parse_namespaces(m: Mapping[str, Any], rid: int) -> tuple[str, ...]:
@@ -487,12 +585,12 @@ def _parse(m: Any, fds: tuple[int, ...], allowed: Mapping[str, type[Event]]) -> 
     if fds and cls is not Spawned:
         raise ProtocolError(f"fds arrived with a {t!r} message, which carries none",
                             field="fds", request_id=rid, errno=_errno.EBADF)
-    kwargs: dict[str, Any] = {}
-    for f in fields(cls):
-        if f.name == "fds_received":
-            kwargs[f.name] = fds
-        elif f.name in m:
-            kwargs[f.name] = m[f.name]
+    kwargs: dict[str, Any] = {name: m[name] for name in _wire_names(cls) if name in m}
+    names = _FIELD_SETS.get(cls)
+    if names is None:
+        names = _FIELD_SETS[cls] = frozenset(f.name for f in fields(cls))
+    if "fds_received" in names:
+        kwargs["fds_received"] = fds
     try:
         ev = cls(**kwargs)
     except TypeError as e:
@@ -535,12 +633,13 @@ _SIMPLE_TYPES["report"] = (str,)
 
 
 def _check_types(ev: Event, rid: int | None) -> None:
-    for f in fields(ev):
-        want = _SIMPLE_TYPES.get(f.name)
-        v = getattr(ev, f.name)
-        if want is not None and v is not None:
-            ok = isinstance(v, want) and not (want == (int,) and isinstance(v, bool))
-            _want(ok, f"must be {want[0].__name__}", f.name, rid)
+    for name in _wire_names(type(ev)):
+        want = _SIMPLE_TYPES.get(name)
+        if want is not None:
+            v = getattr(ev, name)
+            if v is not None:
+                ok = isinstance(v, want) and not (want == (int,) and isinstance(v, bool))
+                _want(ok, f"must be {want[0].__name__}", name, rid)
 
 
 def _rid(m: Mapping[str, Any]) -> int | None:
@@ -805,26 +904,32 @@ def _precheck(body: bytes) -> None:
         while pending:
             b = body[i]
             pending -= 1
+            if b == 0xC4:  # bin8: argv and env entries come in runs, skip them in a tight loop
+                i += 2 + body[i + 1]
+                while pending and body[i] == 0xC4:
+                    i += 2 + body[i + 1]
+                    pending -= 1
+                continue
             if 0xA0 <= b <= 0xBF:  # fixstr (the common cases first)
                 i += 1 + (b & 0x1F)
                 continue
-            if b == 0xD9 or b == 0xC4:  # str8, bin8
+            if b < 0x80 or b >= 0xE0:  # fixints (limits, ids)
+                i += 1
+                continue
+            if 0x80 <= b <= 0x9F:  # fixmap, fixarray (limits values are [soft, hard])
+                kind, count, i = ("map" if b < 0x90 else "array"), b & 0x0F, i + 1
+            elif b == 0xD9:  # str8
                 i += 2 + body[i + 1]
                 continue
-            size = fixed.get(b)
-            if size is not None:
+            elif (size := fixed.get(b)) is not None:
                 i += size
                 continue
-            if b == 0xDA or b == 0xC5:
+            elif b == 0xDA or b == 0xC5:
                 i += 3 + _U16(body, i + 1)[0]
                 continue
-            if b == 0xDB or b == 0xC6:
+            elif b == 0xDB or b == 0xC6:
                 i += 5 + _U32(body, i + 1)[0]
                 continue
-            if 0x90 <= b <= 0x9F:
-                kind, count, i = "array", b & 0x0F, i + 1
-            elif 0x80 <= b <= 0x8F:
-                kind, count, i = "map", b & 0x0F, i + 1
             elif b == 0xDC:
                 kind, count, i = "array", _U16(body, i + 1)[0], i + 3
             elif b == 0xDD:

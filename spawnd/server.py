@@ -98,19 +98,17 @@ def raise_nofile_limit() -> tuple[int, int]:
     return soft, hard
 
 
-def _with_child_nofile(spec: spawner.SpawnSpec, limits: tuple[int, int] | None
-                       ) -> spawner.SpawnSpec:
+def _with_child_nofile(have: tuple[tuple[int, int, int], ...], limits: tuple[int, int] | None
+                       ) -> tuple[tuple[int, int, int], ...]:
     """Give the child the daemon's original NOFILE limit, unless the request set one.
 
     The daemon raised its own soft limit at start; a request without the caller's limits
-    (an old or minimal client) must not hand that to its child.
+    (an old or minimal client) must not hand that to its child. (Applied to the rlimits
+    before the SpawnSpec is built: a dataclasses.replace per spawn cost 3 µs.)
     """
-    if limits is None:
-        return spec
-    have = spec.rlimits
-    if any(r == resource.RLIMIT_NOFILE for r, _, _ in have):
-        return spec
-    return dataclasses.replace(spec, rlimits=(*have, (resource.RLIMIT_NOFILE, *limits)))
+    if limits is None or any(r == resource.RLIMIT_NOFILE for r, _, _ in have):
+        return have
+    return (*have, (resource.RLIMIT_NOFILE, *limits))
 
 
 class RateLimiter:
@@ -458,6 +456,7 @@ class ConnectionHandler:
         # detached (never closed: trio's socket owns the fd) by run().
         self._raw: socket.socket | None = None
         self._writing = False  # the writer task is between taking a frame and finishing it
+        self._queued = 0  # frames in the outbox (statistics() builds an object per call)
         self._drained = trio.Event()  # set by the writer each time it has sent something
         # This connection's live children by the id of the Spawn that started them: Signal
         # names a child this way, never by pid. Removed when the child is reaped.
@@ -481,8 +480,7 @@ class ConnectionHandler:
             self.server.stats.note_error(self.peer.uid, event.errno)  # spawnd status
         data = self.proto.send(event)
         fds = fds or []
-        if (self._raw is not None and not self._writing
-                and not self.outbox_send.statistics().current_buffer_used):
+        if self._raw is not None and not self._writing and not self._queued:
             # Fast path: nothing queued, so write now instead of waking the writer task
             # (a reply costs one syscall, not a task switch). What does not fit is queued.
             data, fds = self._send_now(data, fds)
@@ -490,6 +488,7 @@ class ConnectionHandler:
                 return
         try:
             self.outbox_send.send_nowait((data, fds))
+            self._queued += 1
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             _close_all(fds)
 
@@ -537,12 +536,14 @@ class ConnectionHandler:
         while True:
             try:
                 out.append(self.outbox.receive_nowait())
+                self._queued -= 1
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 return out
 
     async def _writer(self) -> None:
         try:
             async for data, fds in self.outbox:
+                self._queued -= 1
                 self._writing = True
                 try:
                     anc = fdpass.ancillary(fds)
@@ -560,11 +561,25 @@ class ConnectionHandler:
         self.scope.cancel()
 
     async def _recv(self) -> tuple[bytes, list[int], bool]:
-        try:
-            data, anc, flags, _ = await self.sock.recvmsg(RECV_SIZE, FD_SPACE,
-                                                          socket.MSG_CMSG_CLOEXEC)
-        except ConnectionResetError:  # closed with our replies unread: just a disconnect
-            return b"", [], False
+        # Non-blocking on the raw handle, waiting for readability only when nothing is there:
+        # trio's sock.recvmsg also yields once more after every successful read (a pass
+        # through the run loop and an epoll_wait per request). We still yield when we did
+        # not wait, so a client that never stops sending cannot starve the others.
+        raw = self._raw
+        assert raw is not None
+        waited = False
+        while True:
+            try:
+                data, anc, flags, _ = raw.recvmsg(RECV_SIZE, FD_SPACE,
+                                                  socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+                break
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+                waited = True
+            except ConnectionResetError:  # closed with our replies unread: just a disconnect
+                return b"", [], False
+        if not waited:  # shielded: a cancel now would lose what was just read (and its fds)
+            await trio.lowlevel.cancel_shielded_checkpoint()
         fds = fdpass.received_fds(anc)
         if flags & socket.MSG_CTRUNC:
             # At our fd limit the kernel installs what fits and drops the rest: only the
@@ -589,7 +604,7 @@ class ConnectionHandler:
         opts = self.server.options
         deadline: float | None = trio.current_time() + opts.handshake_timeout
         while True:
-            while self.outbox_send.statistics().current_buffer_used >= MAX_BACKLOG:
+            while self._queued >= MAX_BACKLOG:
                 self._drained = trio.Event()  # a client that sends but never reads: wait
                 await self._drained.wait()
             try:
@@ -736,14 +751,20 @@ class ConnectionHandler:
         (the interpreter re-opens them by name; policy may forbid scripts).
         """
         assert self.peer is not None
-        path_env = next((e[5:] for e in req.env if e.startswith(b"PATH=")), None)
         name = req.executable if req.executable is not None else req.argv[0]
+        # (PATH is looked for only when it is used: a scan of the whole env per spawn)
+        path_env = (None if b"/" in name
+                    else next((e[5:] for e in req.env if e.startswith(b"PATH=")), None))
         cwd = caller_cwd(req)  # issue 11: relative names resolve in the caller's cwd
         resolved = spawner.resolve_executable(name, path_env, cwd)
         exec_fd, is_script = privileged.open_executable(resolved, cwd)
         try:
             real = privileged.real_path(exec_fd)
             grant: Grant = self.server.policy.decide(self.peer, req, real, is_script=is_script)
+            inherited = inherited_spec(self.server.policy, self.peer, self.sock, req, grant)
+            # infra: the daemon pre-raised its NOFILE limit; the child gets the original
+            inherited["rlimits"] = _with_child_nofile(inherited["rlimits"],  # type: ignore[arg-type]
+                                                      self.server.child_nofile)
             spec = spawner.SpawnSpec(
                 executable=real if is_script else resolved, argv=grant.argv, env=grant.env,
                 fd_map=tuple(zip(req.child_fds, req.fds, strict=True)), cwd=req.cwd,
@@ -753,16 +774,15 @@ class ConnectionHandler:
                 pgroup=0 if req.process_group is None and not req.start_new_session
                 else req.process_group,
                 exec_fd=None if is_script else exec_fd,
-                restore_signals=req.restore_signals,
-                **inherited_spec(self.server.policy, self.peer, self.sock, req, grant))
-            spec = _with_child_nofile(spec, self.server.child_nofile)  # infra: pre-raise limit
-            if req.warm is not None and not privileged.needs_helper(spec, grant):
+                restore_signals=req.restore_signals, **inherited)
+            helper = privileged.needs_helper(spec, grant)
+            if req.warm is not None and not helper:
                 # multiprocessing warm pool (spawnd/pool.py): an idle equivalent process, or a
                 # fresh one, gets the request's fds by handoff; the caller registers the pid.
                 spec = pool_spec(spec)  # issue 11: pools key on, and refill in, a cwd path
                 return await self.server.pool.take(self.peer.uid, self.peer.gid, spec, grant,
                                                    req.warm)
-            if privileged.needs_helper(spec, grant):
+            if helper:
                 return await privileged.spawn_privileged(spec, grant)
             return spawner.spawn(spec)
         finally:
@@ -798,25 +818,27 @@ class ConnectionHandler:
 
 _DAEMON_UID = os.geteuid()
 _DAEMON_CAPS = caps.own_permitted()
-_own_state: peer.KernelState | None = None
+_own_state: tuple[peer.KernelState, peer.KernelState | None] | None = None
 
 
 def _daemon_state() -> tuple[peer.KernelState, peer.KernelState | None]:
     """The daemon's own limits/nice/affinity (read once: only start-up changes them, before
     the first spawn), and the most it can give a child: without CAP_SYS_RESOURCE it cannot
     raise a hard limit, without CAP_SYS_NICE it cannot lower nice below RLIMIT_NICE's floor
-    (root in a container often lacks them). None: no ceiling of its own."""
+    (root in a container often lacks them). None: no ceiling of its own. Both are computed
+    once (perf: they were rebuilt per spawn)."""
     global _own_state
     if _own_state is None:
-        _own_state = peer.own_state()
-    own = _own_state
-    limits_ok = "CAP_SYS_RESOURCE" in _DAEMON_CAPS
-    nice_ok = "CAP_SYS_NICE" in _DAEMON_CAPS
-    if limits_ok and nice_ok:
-        return own, None
-    most = peer.daemon_ceiling(own)
-    return own, peer.KernelState(limits={} if limits_ok else most.limits,
-                                 nice=-20 if nice_ok else most.nice)
+        own = peer.own_state()
+        limits_ok = "CAP_SYS_RESOURCE" in _DAEMON_CAPS
+        nice_ok = "CAP_SYS_NICE" in _DAEMON_CAPS
+        if limits_ok and nice_ok:
+            _own_state = own, None
+        else:
+            most = peer.daemon_ceiling(own)
+            _own_state = own, peer.KernelState(limits={} if limits_ok else most.limits,
+                                               nice=-20 if nice_ok else most.nice)
+    return _own_state
 
 
 def caller_cwd(req: P.Spawn) -> bytes | None:
@@ -831,6 +853,12 @@ def caller_cwd(req: P.Spawn) -> bytes | None:
     return base if req.cwd is None else os.path.join(base, req.cwd)
 
 
+#: Same-uid peers' decided state by (limits items, nice, affinity): pure given the daemon's
+#: own state, which never changes after start-up (see _daemon_state).
+_INHERIT_CACHE: dict[tuple[object, ...], peer.Inherited] = {}
+_INHERIT_CACHE_SIZE = 256
+
+
 def inherited_spec(policy: Policy, who: Peer, sock: trio.socket.SocketType, req: P.Spawn,
                    grant: Grant) -> dict[str, object]:
     """SpawnSpec keyword arguments: the caller's cwd fd, and its limits, nice and affinity
@@ -839,7 +867,17 @@ def inherited_spec(policy: Policy, who: Peer, sock: trio.socket.SocketType, req:
     own, most = _daemon_state()
     ceiling: peer.KernelState | None = None
     granted: frozenset[int] = frozenset()
-    if who.uid != _DAEMON_UID:
+    key = None
+    if who.uid == _DAEMON_UID:
+        # The same request state always gives the same answer for a same-uid peer (no kernel
+        # ceiling, no grants): look it up instead of re-deciding 16 limits per spawn.
+        lim = req.limits
+        key = (None if lim is None else tuple(lim.items()), req.nice, req.affinity)
+        got = _INHERIT_CACHE.get(key)
+        if got is not None:
+            return {"cwd_fd": req.cwd_dir_fd, "rlimits": got.rlimits, "nice": got.nice,
+                    "affinity": got.affinity, "ctty": req.ctty}
+    else:
         try:
             ceiling = peer.peer_state(sock, who.pid)  # type: ignore[arg-type]
         except peer.PeerGone as e:
@@ -850,6 +888,10 @@ def inherited_spec(policy: Policy, who: Peer, sock: trio.socket.SocketType, req:
         ceiling = peer.meet(ceiling, most)
     got = peer.decide(peer.wire_limits(req.limits), req.nice, req.affinity, own, ceiling,
                       granted, fill=fill)
+    if key is not None:
+        if len(_INHERIT_CACHE) >= _INHERIT_CACHE_SIZE:
+            _INHERIT_CACHE.clear()  # a client cycling through states: start over
+        _INHERIT_CACHE[key] = got
     return {"cwd_fd": req.cwd_dir_fd, "rlimits": got.rlimits, "nice": got.nice,
             "affinity": got.affinity, "ctty": req.ctty}
 

@@ -40,6 +40,8 @@ RLIMIT_NAMES: tuple[tuple[str, int], ...] = tuple(
     ))
 
 _INF = resource.RLIM_INFINITY
+_NAMES = tuple(name for name, _ in RLIMIT_NAMES)
+_NUMBERS = tuple(num for _, num in RLIMIT_NAMES)
 _getrlimit = resource.getrlimit
 _O_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 
@@ -114,10 +116,13 @@ def caller_state(*, cwd: bool = True) -> CallerState:
     The caller owns the returned cwd fd: close it (``with caller_state() as s:``) once the
     request carrying it has been sent. ``cwd=False`` skips the directory fd.
     """
-    limits = {}
-    for name, num in RLIMIT_NAMES:
-        soft, hard = _getrlimit(num)
-        limits[name] = (-1 if soft == _INF else soft, -1 if hard == _INF else hard)
+    if _INF == -1:  # Python's RLIM_INFINITY on Linux: getrlimit's tuples are the wire form
+        limits = dict(zip(_NAMES, map(_getrlimit, _NUMBERS), strict=True))
+    else:
+        limits = {}
+        for name, num in RLIMIT_NAMES:
+            soft, hard = _getrlimit(num)
+            limits[name] = (-1 if soft == _INF else soft, -1 if hard == _INF else hard)
     try:
         nice: int | None = os.getpriority(os.PRIO_PROCESS, 0)
     except OSError:
