@@ -181,6 +181,9 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import Options, Server, raise_nofile_limit
 
     setup_logging(args.log_level)
+    from . import signals
+
+    signals.block_early()  # before any listener: no signal may find a default action
     child_nofile = raise_nofile_limit()  # every client's fds and pidfds are held here
     group = args.group  # a gid already (argparse type=_group_id)
     try:

@@ -172,6 +172,13 @@ def _sigprocmask(how: int, mask: int) -> int:
     return old.value
 
 
+def block_early() -> None:
+    """Block the daemon's signals now, before its socket exists: a client (or systemd) that
+    signals the moment the socket answers must meet the signalfd, not a default action.
+    The SignalFD made later reads whatever arrived meanwhile (signals stay pending)."""
+    _sigprocmask(_SIG_BLOCK, _mask_of(blocked_signals()))
+
+
 class SignalFD:
     """Block ``signals`` in this (the daemon's only) thread and read them from a signalfd.
 

@@ -425,3 +425,26 @@ def test_private_daemon_lingers_for_keep_children(tmp_path: Path) -> None:
         if d.proc.poll() is None:
             d.proc.kill()
             d.proc.wait()
+
+
+def test_sigterm_the_moment_the_socket_answers_is_a_clean_stop(tmp_path: Path) -> None:
+    """The signals are blocked before the listener exists: a SIGTERM sent as soon as a
+    connect succeeds stops the daemon cleanly (it used to die of the default action)."""
+    for i in range(10):
+        path = str(tmp_path / f"early{i}.sock")
+        proc = subprocess.Popen([sys.executable, "-m", "spawnd", "serve", "--socket", path],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while True:  # no sleep: signal the very moment the socket accepts a connection
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(path)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline
+            finally:
+                s.close()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err.decode()
