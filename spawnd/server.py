@@ -11,7 +11,6 @@ Task tree (every task has one owner)::
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import logging
@@ -19,7 +18,6 @@ import os
 import resource
 import signal
 import socket
-import stat
 import struct
 import time
 from collections.abc import Callable
@@ -28,7 +26,7 @@ from dataclasses import dataclass
 
 import trio
 
-from . import caps, fdpass, peer, privileged, signals, spawner
+from . import fdpass, inherit, privileged, signals, spawner
 from . import protocol as P
 from .activation import Notifier
 from .children import Child, ChildTable
@@ -80,14 +78,12 @@ def _open_spare() -> int | None:
 
 
 def _nofile_soft() -> int:
-    import resource
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def raise_nofile_limit() -> tuple[int, int]:
     """Raise our soft RLIMIT_NOFILE to the hard limit (every client's fds and children's
     pidfds are ours to hold); return the limits we started with."""
-    import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         try:
@@ -96,19 +92,6 @@ def raise_nofile_limit() -> tuple[int, int]:
         except (OSError, ValueError) as e:
             log.warning("could not raise the open-files limit from %d to %d: %s", soft, hard, e)
     return soft, hard
-
-
-def _with_child_nofile(have: tuple[tuple[int, int, int], ...], limits: tuple[int, int] | None
-                       ) -> tuple[tuple[int, int, int], ...]:
-    """Give the child the daemon's original NOFILE limit, unless the request set one.
-
-    The daemon raised its own soft limit at start; a request without the caller's limits
-    (an old or minimal client) must not hand that to its child. (Applied to the rlimits
-    before the SpawnSpec is built: a dataclasses.replace per spawn cost 3 µs.)
-    """
-    if limits is None or any(r == resource.RLIMIT_NOFILE for r, _, _ in have):
-        return have
-    return (*have, (resource.RLIMIT_NOFILE, *limits))
 
 
 class RateLimiter:
@@ -755,15 +738,15 @@ class ConnectionHandler:
         # (PATH is looked for only when it is used: a scan of the whole env per spawn)
         path_env = (None if b"/" in name
                     else next((e[5:] for e in req.env if e.startswith(b"PATH=")), None))
-        cwd = caller_cwd(req)  # issue 11: relative names resolve in the caller's cwd
+        cwd = inherit.caller_cwd(req)  # issue 11: relative names resolve in the caller's cwd
         resolved = spawner.resolve_executable(name, path_env, cwd)
         exec_fd, is_script = privileged.open_executable(resolved, cwd)
         try:
             real = privileged.real_path(exec_fd)
             grant: Grant = self.server.policy.decide(self.peer, req, real, is_script=is_script)
-            inherited = inherited_spec(self.server.policy, self.peer, self.sock, req, grant)
+            inherited = inherit.spec_fields(self.server.policy, self.peer, self.sock, req, grant)
             # infra: the daemon pre-raised its NOFILE limit; the child gets the original
-            inherited["rlimits"] = _with_child_nofile(inherited["rlimits"],  # type: ignore[arg-type]
+            inherited["rlimits"] = inherit.with_child_nofile(inherited["rlimits"],  # type: ignore[arg-type]
                                                       self.server.child_nofile)
             spec = spawner.SpawnSpec(
                 executable=real if is_script else resolved, argv=grant.argv, env=grant.env,
@@ -779,7 +762,7 @@ class ConnectionHandler:
             if req.warm is not None and not helper:
                 # multiprocessing warm pool (spawnd/pool.py): an idle equivalent process, or a
                 # fresh one, gets the request's fds by handoff; the caller registers the pid.
-                spec = pool_spec(spec)  # issue 11: pools key on, and refill in, a cwd path
+                spec = inherit.pool_spec(spec)  # issue 11: pools key on, and refill in, a cwd path
                 return await self.server.pool.take(self.peer.uid, self.peer.gid, spec, grant,
                                                    req.warm)
             if helper:
@@ -811,96 +794,3 @@ class ConnectionHandler:
                 self.send(P.error_for(e, req.id, P.STAGE_POLICY))
                 return
             self.send(P.Ok(id=req.id))
-
-
-# ---------------------------------------------------------------------------- issue 11
-# What the child inherits from its caller: request -> SpawnSpec fields (spawnd/peer.py).
-
-_DAEMON_UID = os.geteuid()
-_DAEMON_CAPS = caps.own_permitted()
-_own_state: tuple[peer.KernelState, peer.KernelState | None] | None = None
-
-
-def _daemon_state() -> tuple[peer.KernelState, peer.KernelState | None]:
-    """The daemon's own limits/nice/affinity (read once: only start-up changes them, before
-    the first spawn), and the most it can give a child: without CAP_SYS_RESOURCE it cannot
-    raise a hard limit, without CAP_SYS_NICE it cannot lower nice below RLIMIT_NICE's floor
-    (root in a container often lacks them). None: no ceiling of its own. Both are computed
-    once (perf: they were rebuilt per spawn)."""
-    global _own_state
-    if _own_state is None:
-        own = peer.own_state()
-        limits_ok = "CAP_SYS_RESOURCE" in _DAEMON_CAPS
-        nice_ok = "CAP_SYS_NICE" in _DAEMON_CAPS
-        if limits_ok and nice_ok:
-            _own_state = own, None
-        else:
-            most = peer.daemon_ceiling(own)
-            _own_state = own, peer.KernelState(limits={} if limits_ok else most.limits,
-                                               nice=-20 if nice_ok else most.nice)
-    return _own_state
-
-
-def caller_cwd(req: P.Spawn) -> bytes | None:
-    """Where the caller's relative names point: its cwd fd (as /proc/self/fd/N), joined with
-    ``cwd=`` (itself relative to the caller's cwd, as with subprocess)."""
-    fd = req.cwd_dir_fd
-    if fd is None:
-        return req.cwd
-    if not stat.S_ISDIR(os.fstat(fd).st_mode):
-        raise spawner.SpawnError(errno.ENOTDIR, spawner.STAGE_CWD, req.cwd or b".")
-    base = b"/proc/self/fd/%d" % fd
-    return base if req.cwd is None else os.path.join(base, req.cwd)
-
-
-#: Same-uid peers' decided state by (limits items, nice, affinity): pure given the daemon's
-#: own state, which never changes after start-up (see _daemon_state).
-_INHERIT_CACHE: dict[tuple[object, ...], peer.Inherited] = {}
-_INHERIT_CACHE_SIZE = 256
-
-
-def inherited_spec(policy: Policy, who: Peer, sock: trio.socket.SocketType, req: P.Spawn,
-                   grant: Grant) -> dict[str, object]:
-    """SpawnSpec keyword arguments: the caller's cwd fd, and its limits, nice and affinity
-    where they differ from the daemon's. A peer of another uid passes on at most its real
-    limits and nice value, read from the kernel, unless ``policy`` grants more."""
-    own, most = _daemon_state()
-    ceiling: peer.KernelState | None = None
-    granted: frozenset[int] = frozenset()
-    key = None
-    if who.uid == _DAEMON_UID:
-        # The same request state always gives the same answer for a same-uid peer (no kernel
-        # ceiling, no grants): look it up instead of re-deciding 16 limits per spawn.
-        lim = req.limits
-        key = (None if lim is None else tuple(lim.items()), req.nice, req.affinity)
-        got = _INHERIT_CACHE.get(key)
-        if got is not None:
-            return {"cwd_fd": req.cwd_dir_fd, "rlimits": got.rlimits, "nice": got.nice,
-                    "affinity": got.affinity, "ctty": req.ctty}
-    else:
-        try:
-            ceiling = peer.peer_state(sock, who.pid)  # type: ignore[arg-type]
-        except peer.PeerGone as e:
-            raise Refused(e.errno or errno.ESRCH, str(e.strerror or e)) from None
-        granted = policy.inherit_grants(who, grant)
-    fill = ceiling is not None  # a capped peer's child never gets the daemon's own limits
-    if most is not None:  # the kernel would refuse more than the daemon can give
-        ceiling = peer.meet(ceiling, most)
-    got = peer.decide(peer.wire_limits(req.limits), req.nice, req.affinity, own, ceiling,
-                      granted, fill=fill)
-    if key is not None:
-        if len(_INHERIT_CACHE) >= _INHERIT_CACHE_SIZE:
-            _INHERIT_CACHE.clear()  # a client cycling through states: start over
-        _INHERIT_CACHE[key] = got
-    return {"cwd_fd": req.cwd_dir_fd, "rlimits": got.rlimits, "nice": got.nice,
-            "affinity": got.affinity, "ctty": req.ctty}
-
-
-def pool_spec(spec: spawner.SpawnSpec) -> spawner.SpawnSpec:
-    """A warm pool keys on ``cwd`` and refills later, after this request's fds are closed: give
-    it the caller's cwd as a path (a directory renamed meanwhile is not followed there)."""
-    if spec.cwd_fd is None:
-        return spec
-    where = os.readlink(b"/proc/self/fd/%d" % spec.cwd_fd)
-    return dataclasses.replace(spec, cwd_fd=None,
-                               cwd=where if spec.cwd is None else os.path.join(where, spec.cwd))
