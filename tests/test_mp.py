@@ -672,20 +672,31 @@ def test_auto_warm_pool_follows_demand(mpd: Daemon, mark: str) -> None:
 # -- the auto sizing rule and the booting handoff (spawnd/pool.py) ------------------------
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the rate rule is bounded by the CPUs")
-def test_auto_pool_grows_by_rate_for_back_to_back_starts(mpd: Daemon, mark: str) -> None:
-    """start(); join() in a loop never has two processes at once, but each start comes
-    sooner than a boot takes: the auto pool keeps two ready, not one (rate x boot time)."""
-    ctx = mp.get_context(socket=mpd.path, idle_timeout=60)
-    sizes = set()
-    for _ in range(30):
-        p = ctx.Process(target=time.sleep, args=(0,))
-        p.start()
-        p.join(30)
-        assert p.exitcode == 0
-        sizes.add(len(marked(mpd, mark)))
-        if 2 in sizes:
-            break
-    assert 2 in sizes, (sizes, mpd.log.read_text()[-3000:])
+def test_auto_pool_grows_by_rate_for_back_to_back_starts() -> None:
+    """start(); join() in a loop never has two processes at once, but when each start comes
+    sooner than a boot takes, the auto target is one boot per start in flight (rate x boot
+    time), bounded by CPUs; spaced starts keep one. (The sizing rule itself: an end-to-end
+    version depended on how fast this machine boots interpreters under load.)"""
+    from collections import deque
+    from types import SimpleNamespace
+
+    from spawnd import pool
+
+    def sizes(gap: float) -> list[int]:
+        e = SimpleNamespace(last_used=0.0, peak=1, running=deque(), starts=1, gap=None,
+                            boot_time=0.05)
+        fake = SimpleNamespace(max_idle=8)
+        out, now = [], 0.0
+        for _ in range(5):
+            now += gap
+            out.append(pool.WarmPool._auto_size(fake, e, 16, now))  # type: ignore[arg-type]
+            e.last_used = now
+        return out
+
+    assert sizes(0.01)[-1] == min(5, pool.CPUS, 8)  # ceil(0.05 / 0.01) boots in flight
+    assert sizes(0.01)[-1] >= min(2, pool.CPUS)  # more than the concurrency (1) shows
+    assert sizes(1.0) == [1] * 5  # starts slower than boots: one ready process
+
 
 def _idle(d: Daemon, mark: str, busy: set[int]) -> set[int]:
     """Pooled processes of ``mark`` that no request has (yet)."""

@@ -50,7 +50,9 @@ def test_nul_and_bad_env_raise_value_error(daemon: Daemon, kw: dict) -> None:
     args = kw.pop("args")
     errs = [_raised(lambda P=P: P(args, **kw)) for _, P in _both(daemon)]
     assert [type(e) for e in errs] == [ValueError, ValueError]
-    assert str(errs[0]) == str(errs[1])
+    # The stdlib's wording varies by version and path ("embedded null byte", 3.13's
+    # "posix_spawn: embedded null character in path"); the exception type is the contract.
+    assert str(errs[0]) == str(errs[1]) or all("null" in str(e) for e in errs), errs
 
 
 @pytest.mark.parametrize("kw", [{"user": 2**40}, {"group": 2**40}, {"user": 2**32},
