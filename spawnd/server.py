@@ -745,7 +745,7 @@ class ConnectionHandler:
             real = privileged.real_path(exec_fd)
             grant: Grant = self.server.policy.decide(self.peer, req, real, is_script=is_script)
             inherited = inherit.spec_fields(self.server.policy, self.peer, self.sock, req, grant)
-            # infra: the daemon pre-raised its NOFILE limit; the child gets the original
+            # the daemon pre-raised its NOFILE limit; the child gets the original
             inherited["rlimits"] = inherit.with_child_nofile(inherited["rlimits"],  # type: ignore[arg-type]
                                                       self.server.child_nofile)
             spec = spawner.SpawnSpec(
