@@ -80,17 +80,13 @@ def exec_helper(server: Any) -> str:
 
 
 def _pools(server: Any, uid: int | None) -> list[dict[str, Any]]:
-    pool = getattr(server, "pool", None)
     out = []
-    for key, entry in list(getattr(pool, "_entries", {}).items()):
-        owner = key[0] if isinstance(key, tuple) and key else None
+    for key, entry in list(server.pool._entries.items()):
+        owner = key[0]  # pool.Key starts with the uid
         if uid is not None and owner != uid:
             continue
-        spec = getattr(entry, "spec", None)
-        argv = [a.decode(errors="replace") if isinstance(a, bytes) else str(a)
-                for a in (getattr(spec, "argv", ()) or ())][:3]
-        out.append({"uid": owner, "argv": argv, "size": getattr(entry, "size", None),
-                    "idle": len(getattr(entry, "idle", ()))})
+        argv = [a.decode(errors="replace") for a in entry.spec.argv[:3]]
+        out.append({"uid": owner, "argv": argv, "size": entry.size, "idle": len(entry.idle)})
     return out
 
 
@@ -101,7 +97,7 @@ def build_report(server: Any, stats: Stats, asker: Any, asking_conn: object) -> 
     table = server.children
     now = time.monotonic()
     conns = [c for c in list(server.connections) if c is not asking_conn]
-    visible = [c for c in conns if root or getattr(c.peer, "uid", None) == asker.uid]
+    visible = [c for c in conns if root or (c.peer is not None and c.peer.uid == asker.uid)]
     visible.append(asking_conn)  # listed (its children too), flagged, never counted
     by_owner: dict[int, list[dict[str, Any]]] = {id(c): [] for c in visible}
     detached: list[dict[str, Any]] = []
@@ -125,7 +121,8 @@ def build_report(server: Any, stats: Stats, asker: Any, asking_conn: object) -> 
     clients = []
     for c in visible:
         peer = c.peer
-        clients.append({"pid": getattr(peer, "pid", None), "uid": getattr(peer, "uid", None),
+        clients.append({"pid": None if peer is None else peer.pid,
+                        "uid": None if peer is None else peer.uid,
                         "this": c is asking_conn, "children": by_owner[id(c)]})
     uids = set(stats.spawns) | set(stats.refusals) if root else {asker.uid}
     live_per_uid: dict[int, int] = {}
@@ -141,7 +138,6 @@ def build_report(server: Any, stats: Stats, asker: Any, asking_conn: object) -> 
     for c in counters.values():
         for name, n in c["refusals"].items():
             total["refusals"][name] = total["refusals"].get(name, 0) + n
-    pool = getattr(server, "pool", None)
     return {
         "pid": os.getpid(),
         "version": version(),
@@ -155,7 +151,7 @@ def build_report(server: Any, stats: Stats, asker: Any, asking_conn: object) -> 
         "clients": clients,
         "detached": detached,
         "pools": _pools(server, only),
-        "pool_idle": getattr(pool, "idle_count", 0) if root else sum(
+        "pool_idle": server.pool.idle_count if root else sum(
             p["idle"] for p in _pools(server, only)),
         "warm_busy": sum(warm_busy.values()),
         "counters": counters,
