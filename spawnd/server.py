@@ -319,16 +319,15 @@ class Server:
         """Whether ``pid`` is something this daemon spawned (or just reaped)."""
         if pid <= 0 or pid == os.getpid():  # the kernel, or ourselves
             return False
-        children = getattr(self, "children", None)
-        if children is not None:
-            if children.get(pid) is not None:
+        # self.children exists: run() sets it before the signal task's first read returns
+        if self.children.get(pid) is not None:
+            return True
+        now = time.monotonic()
+        for when, reaped in reversed(self.children.recently_reaped):
+            if now - when > RECENT_CHILD:
+                break
+            if reaped == pid:
                 return True
-            now = time.monotonic()
-            for when, reaped in reversed(children.recently_reaped):
-                if now - when > RECENT_CHILD:
-                    break
-                if reaped == pid:
-                    return True
         # warm-pool processes, trampolines not yet registered, a child's own children
         return signals.sender_is_descendant(pid)
 
