@@ -40,7 +40,7 @@ from spawnd.paths import default_socket_path
 from ._caller import caller_state
 from ._transport import check_frame_size, new_socket, off_stdio
 from .autostart import private_daemon
-from .client import StrOrBytes, spawn_request
+from .client import StrOrBytes, pidfd_signal, signal_request, spawn_request
 from .errors import DaemonConnectionError, DaemonUnavailable, error_to_exception
 
 __all__ = [
@@ -466,14 +466,6 @@ async def _closer(conn: _Connection) -> Any:
 
 # ---------------------------------------------------------------- children
 
-def _signal_event(rid: int, child: AsyncChild, sig: int) -> P.Signal:
-    """The Signal request naming the child by its spawn request id (COMMON's form); a
-    daemon still on the old ``pid`` form gets that instead."""
-    if "child" in getattr(P.Signal, "__dataclass_fields__", {}):
-        return P.Signal(id=rid, child=child.rid, signal=sig)  # type: ignore[call-arg]
-    return P.Signal(id=rid, pid=child.pid, signal=sig)  # type: ignore[call-arg]
-
-
 class AsyncChild:
     """A child the daemon started for this event loop's connection; ``returncode`` follows
     ``subprocess`` (negative: killed by that signal)."""
@@ -512,28 +504,20 @@ class AsyncChild:
         """True if the signal went (or the child is gone already); False: ask the daemon."""
         if self.returncode is not None or self.lost is not None:
             return True
-        if self.pidfd is None:
-            return False
-        try:
-            _signal.pidfd_send_signal(self.pidfd, sig)
-        except ProcessLookupError:
-            return True  # exited meanwhile, like subprocess
-        except PermissionError:
-            return False  # e.g. it runs as another user: the daemon may
-        return True
+        return pidfd_signal(self.pidfd, sig)
 
     def signal_nowait(self, sig: int) -> None:
         """Signal now (sync): pidfd, else a daemon request whose reply is not awaited."""
         if not self._via_pidfd(int(sig)) and self.client.broken is None:
             conn = self.client
-            conn.post(_signal_event(conn.next_id(), self, int(sig)))
+            conn.post(signal_request(conn.next_id(), self.rid, sig))
 
     async def send_signal(self, sig: int) -> None:
         if self._via_pidfd(int(sig)):
             return
         conn = self.client
         try:
-            await conn.request(_signal_event(conn.next_id(), self, int(sig)))
+            await conn.request(signal_request(conn.next_id(), self.rid, sig))
         except ProcessLookupError:
             pass
 
