@@ -38,7 +38,7 @@ from spawnd import protocol as P
 from spawnd.paths import default_socket_path
 
 from ._caller import caller_state
-from ._transport import check_frame_size, new_socket, off_stdio
+from ._transport import check_frame_size, feed, new_socket
 from .autostart import private_daemon
 from .client import StrOrBytes, pidfd_signal, signal_request, spawn_request
 from .errors import DaemonConnectionError, DaemonUnavailable, error_to_exception
@@ -351,16 +351,9 @@ class _Connection:
                 if not drain:
                     self._fail(e)
                 return
-            fds = [off_stdio(fd) for fd in fdpass.received_fds(anc)]
-            try:
-                self.proto.receive_data(data, fds)
-                while (ev := self.proto.next_event()) is not None:
-                    self._route(ev)
-            except P.ProtocolError as e:
-                self._fail(e)
-                return
-            if not data:
-                self._fail(DaemonConnectionError("spawnd closed the connection"))
+            end = feed(self.proto, data, anc, self._route)
+            if end is not None:
+                self._fail(end)
                 return
             if not drain and len(data) < RECV_SIZE:
                 return
