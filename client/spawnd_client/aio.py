@@ -38,6 +38,7 @@ from spawnd import protocol as P
 from spawnd.paths import default_socket_path
 
 from ._caller import caller_state
+from ._mp_boot import is_open
 from ._transport import check_frame_size, feed, new_socket
 from .autostart import private_daemon
 from .client import StrOrBytes, pidfd_signal, signal_request, spawn_request
@@ -614,14 +615,6 @@ def _fileno(what: Any) -> int:
     return what if isinstance(what, int) else what.fileno()
 
 
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
 async def start_child(args: Sequence[StrOrBytes], *, stdin: Any, stdout: Any, stderr: Any,
                       client: AsyncClient | None = None, executable: StrOrBytes | None = None,
                       cwd: StrOrBytes | None = None, env: Mapping[Any, Any] | None = None,
@@ -662,10 +655,10 @@ async def start_child(args: Sequence[StrOrBytes], *, stdin: Any, stdout: Any, st
             elif how == STDOUT and target == 2:
                 if 1 in fds:
                     fds[2] = fds[1]
-                elif _is_open(1):
+                elif is_open(1):
                     fds[2] = 1
             elif how is None:
-                if _is_open(target):
+                if is_open(target):
                     fds[target] = target  # our own stdio, passed explicitly
             else:
                 fds[target] = _fileno(how)
