@@ -697,8 +697,8 @@ def _argv(command: Any) -> list[Any]:
 
 # ---------------------------------------------------------------- the anyio face
 
-class _ReceivePipe(anyio.abc.ByteReceiveStream):
-    """Our read end of a child's pipe, non-blocking, waited on with the loop's readiness."""
+class _PipeEnd:
+    """Our end of a child's pipe: non-blocking, waited on with the loop's readiness."""
 
     def __init__(self, fd: int) -> None:
         os.set_blocking(fd, False)
@@ -706,6 +706,17 @@ class _ReceivePipe(anyio.abc.ByteReceiveStream):
 
     def fileno(self) -> int:
         return self._fd
+
+    async def aclose(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            anyio.notify_closing(fd)
+            os.close(fd)
+        await anyio.lowlevel.checkpoint()
+
+
+class _ReceivePipe(_PipeEnd, anyio.abc.ByteReceiveStream):
+    """Our read end of a child's stdout or stderr pipe."""
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         await anyio.lowlevel.checkpoint_if_cancelled()
@@ -727,23 +738,9 @@ class _ReceivePipe(anyio.abc.ByteReceiveStream):
                 raise anyio.EndOfStream
             return data
 
-    async def aclose(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            anyio.notify_closing(fd)
-            os.close(fd)
-        await anyio.lowlevel.checkpoint()
 
-
-class _SendPipe(anyio.abc.ByteSendStream):
+class _SendPipe(_PipeEnd, anyio.abc.ByteSendStream):
     """Our write end of a child's stdin pipe."""
-
-    def __init__(self, fd: int) -> None:
-        os.set_blocking(fd, False)
-        self._fd = fd
-
-    def fileno(self) -> int:
-        return self._fd
 
     async def send(self, item: bytes) -> None:
         await anyio.lowlevel.checkpoint_if_cancelled()
@@ -761,13 +758,6 @@ class _SendPipe(anyio.abc.ByteSendStream):
                 raise anyio.BrokenResourceError from e
         if not waited:
             await anyio.lowlevel.cancel_shielded_checkpoint()
-
-    async def aclose(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            anyio.notify_closing(fd)
-            os.close(fd)
-        await anyio.lowlevel.checkpoint()
 
 
 class Process(anyio.abc.Process):
