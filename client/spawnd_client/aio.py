@@ -39,7 +39,7 @@ from spawnd.paths import default_socket_path
 
 from ._caller import caller_state
 from ._mp_boot import is_open
-from ._transport import check_frame_size, feed, new_socket
+from ._transport import FD_SPACE, RECV_SIZE, check_frame_size, feed, new_socket
 from .autostart import private_daemon
 from .client import StrOrBytes, pidfd_signal, signal_request, spawn_request
 from .errors import DaemonConnectionError, DaemonUnavailable, error_to_exception
@@ -49,8 +49,6 @@ __all__ = [
     "CompletedProcess", "Process", "default_client", "open_process", "run_process",
 ]
 
-RECV_SIZE = 256 * 1024
-FD_SPACE = socket.CMSG_SPACE(8 * 4)
 CONNECT_TIMEOUT = 10.0
 
 
