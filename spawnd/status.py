@@ -67,18 +67,6 @@ class Stats:
         return time.monotonic() - f[1], f[2], f[3]
 
 
-def live_children(table: Any) -> list[Any]:
-    """Every live child in the daemon's ChildTable."""
-    return list(table)
-
-
-def exec_helper(server: Any) -> str:
-    """Which exec helper the daemon uses for what posix_spawn cannot do."""
-    from . import privileged
-
-    return privileged.helper().describe()
-
-
 def _pools(server: Any, uid: int | None) -> list[dict[str, Any]]:
     out = []
     for key, entry in list(server.pool._entries.items()):
@@ -92,6 +80,8 @@ def _pools(server: Any, uid: int | None) -> list[dict[str, Any]]:
 
 def build_report(server: Any, stats: Stats, asker: Any, asking_conn: object) -> dict[str, Any]:
     """The status as ``asker`` (a Peer) may see it; ``asking_conn`` is left out of the counts."""
+    from . import privileged  # here: `spawnd status` runs from the client library without it
+
     root = asker.uid == 0
     only = None if root else asker.uid
     table = server.children
@@ -101,7 +91,7 @@ def build_report(server: Any, stats: Stats, asker: Any, asking_conn: object) -> 
     visible.append(asking_conn)  # listed (its children too), flagged, never counted
     by_owner: dict[int, list[dict[str, Any]]] = {id(c): [] for c in visible}
     detached: list[dict[str, Any]] = []
-    children = [ch for ch in live_children(table) if root or ch.uid == asker.uid]
+    children = [ch for ch in table if root or ch.uid == asker.uid]
     listed = 0
     warm_busy: dict[int, int] = {}
     for ch in children:
@@ -126,7 +116,7 @@ def build_report(server: Any, stats: Stats, asker: Any, asking_conn: object) -> 
                         "this": c is asking_conn, "children": by_owner[id(c)]})
     uids = set(stats.spawns) | set(stats.refusals) if root else {asker.uid}
     live_per_uid: dict[int, int] = {}
-    for ch in live_children(table):
+    for ch in table:
         live_per_uid[ch.uid] = live_per_uid.get(ch.uid, 0) + 1
     counters = {}
     for u in sorted(uids):
@@ -143,7 +133,7 @@ def build_report(server: Any, stats: Stats, asker: Any, asking_conn: object) -> 
         "version": version(),
         "uptime": round(now - stats.started, 3),
         "started": stats.started_wall,
-        "exec_helper": exec_helper(server),
+        "exec_helper": privileged.helper().describe(),  # what posix_spawn cannot do
         "scope": "all" if root else f"uid {asker.uid}",
         "connections": len(visible) - 1,
         "children": len(children),
