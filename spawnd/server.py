@@ -319,15 +319,18 @@ class Server:
         """Whether ``pid`` is something this daemon spawned (or just reaped)."""
         if pid <= 0 or pid == os.getpid():  # the kernel, or ourselves
             return False
-        # self.children exists: run() sets it before the signal task's first read returns
-        if self.children.get(pid) is not None:
-            return True
-        now = time.monotonic()
-        for when, reaped in reversed(self.children.recently_reaped):
-            if now - when > RECENT_CHILD:
-                break
-            if reaped == pid:
+        # Not set yet when a signal pending at start-up is read before run() creates the table
+        # (tests/test_infra.py::test_sigterm_the_moment_the_socket_answers_is_a_clean_stop).
+        children = getattr(self, "children", None)
+        if children is not None:
+            if children.get(pid) is not None:
                 return True
+            now = time.monotonic()
+            for when, reaped in reversed(children.recently_reaped):
+                if now - when > RECENT_CHILD:
+                    break
+                if reaped == pid:
+                    return True
         # warm-pool processes, trampolines not yet registered, a child's own children
         return signals.sender_is_descendant(pid)
 
