@@ -280,14 +280,19 @@ def _run(args: argparse.Namespace) -> int:
     except spawnd_client.DaemonUnavailable:
         raise  # main() reports it: the daemon is at fault, not the command
     except OSError as e:
-        print(f"spawnd run: {cmd[0]}: {e.strerror}"
-              + (f" (stage: {e.stage})" if getattr(e, "stage", None) else ""), file=sys.stderr)
-        return 127 if e.errno == errno.ENOENT else 126
+        return _start_failed(cmd[0], e)
     forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
     for sig in forwarded:  # the child is not in our terminal's process group: forward
         signal.signal(sig, lambda s, _f: proc.send_signal(s))
     rc = proc.wait()
     return 128 - rc if rc < 0 else rc
+
+
+def _start_failed(name: str, e: OSError) -> int:
+    """Say why the command did not start; exit 127 (not found) or 126, as a shell does."""
+    print(f"spawnd run: {name}: {e.strerror}"
+          + (f" (stage: {e.stage})" if getattr(e, "stage", None) else ""), file=sys.stderr)
+    return 127 if e.errno == errno.ENOENT else 126
 
 
 def _pty_wanted(args: argparse.Namespace) -> bool:
@@ -303,9 +308,7 @@ def _run_pty(client: object, cmd: list[str]) -> int:
     try:
         return run_in_pty(client.spawn, cmd)  # type: ignore[attr-defined]
     except OSError as e:
-        print(f"spawnd run: {cmd[0]}: {e.strerror}"
-              + (f" (stage: {e.stage})" if getattr(e, "stage", None) else ""), file=sys.stderr)
-        return 127 if e.errno == errno.ENOENT else 126
+        return _start_failed(cmd[0], e)
 
 
 def _ping(args: argparse.Namespace) -> int:

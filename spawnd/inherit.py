@@ -45,7 +45,7 @@ def _daemon_state() -> tuple[peer.KernelState, peer.KernelState | None]:
     the first spawn), and the most it can give a child: without CAP_SYS_RESOURCE it cannot
     raise a hard limit, without CAP_SYS_NICE it cannot lower nice below RLIMIT_NICE's floor
     (root in a container often lacks them). None: no ceiling of its own. Both are computed
-    once (perf: they were rebuilt per spawn)."""
+    once, not per spawn."""
     global _own_state
     if _own_state is None:
         own = peer.own_state()

@@ -21,22 +21,16 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .policy import RLIMITS
+
 __all__ = ["Inherited", "KernelState", "decide", "own_state", "peer_state", "state_from_proc"]
 
 SO_PEERPIDFD = 77  # Linux >= 6.5; Python 3.11 has no constant
 INF = resource.RLIM_INFINITY
 
-#: rlimit number -> wire name; /proc/PID/limits lists them in this (number) order.
-NAMES: Mapping[int, str] = {
-    resource.RLIMIT_CPU: "CPU", resource.RLIMIT_FSIZE: "FSIZE", resource.RLIMIT_DATA: "DATA",
-    resource.RLIMIT_STACK: "STACK", resource.RLIMIT_CORE: "CORE", resource.RLIMIT_RSS: "RSS",
-    resource.RLIMIT_NPROC: "NPROC", resource.RLIMIT_NOFILE: "NOFILE",
-    resource.RLIMIT_MEMLOCK: "MEMLOCK", resource.RLIMIT_AS: "AS",
-    getattr(resource, "RLIMIT_LOCKS", 10): "LOCKS",
-    resource.RLIMIT_SIGPENDING: "SIGPENDING", resource.RLIMIT_MSGQUEUE: "MSGQUEUE",
-    resource.RLIMIT_NICE: "NICE", resource.RLIMIT_RTPRIO: "RTPRIO",
-    resource.RLIMIT_RTTIME: "RTTIME",
-}
+#: rlimit number -> wire name (policy's table), in number order as /proc/PID/limits lists them.
+NAMES: Mapping[int, str] = {num: name for name, num in sorted(RLIMITS.items(),
+                                                              key=lambda item: item[1])}
 NUMBERS: Mapping[str, int] = {v: k for k, v in NAMES.items()}
 
 

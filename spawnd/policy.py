@@ -621,11 +621,6 @@ def _request_rlimits(req: P.Spawn) -> dict[int, tuple[int, int]]:
     return out
 
 
-def _path_matches(entry: bytes, path: bytes) -> bool:
-    """Entries ending in "/" are directories: anything below them matches."""
-    return path.startswith(entry) if entry.endswith(b"/") else path == entry
-
-
 def _matches_any(patterns: Iterable[str], name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 

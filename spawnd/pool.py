@@ -53,12 +53,15 @@ import socket
 import struct
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from . import fdpass, spawner
 from .spawner import SpawnError, SpawnSpec
+
+if TYPE_CHECKING:
+    from .policy import Grant
 
 log = logging.getLogger("spawnd")
 
@@ -175,7 +178,7 @@ class WarmPool:
         return sum(len(e.idle) for e in self._entries.values())
 
     # -- the request path
-    async def take(self, uid: int, gid: int, spec: SpawnSpec, grant: Any,
+    async def take(self, uid: int, gid: int, spec: SpawnSpec, grant: Grant,
                    warm: dict[str, Any]) -> int:
         """Start ``spec`` through the pool: hand a ready equivalent process the request's
         fds, else a booting one (waiting for it to take them), else start one and hand off
@@ -300,7 +303,7 @@ class WarmPool:
 
     # -- keys and spawning
     @staticmethod
-    def _key(uid: int, gid: int, spec: SpawnSpec, grant: Any, targets: tuple[int, ...]) -> Key:
+    def _key(uid: int, gid: int, spec: SpawnSpec, grant: Grant, targets: tuple[int, ...]) -> Key:
         # The file that runs, by identity: the fd the policy checked when the server opened
         # one (the pool keeps its own dup of it), else whatever the path names now.
         exe = spec.executable
@@ -313,13 +316,11 @@ class WarmPool:
             identity: tuple[int, ...] | None = (st.st_dev, st.st_ino, st.st_mtime_ns)
         except OSError:
             identity = None  # the spawn will fail and say why
-        creds = (getattr(grant, "uid", None), getattr(grant, "gid", None),
-                 getattr(grant, "groups", None), tuple(getattr(grant, "capabilities", ())),
-                 tuple(sorted((getattr(grant, "rlimits", None) or {}).items())),
-                 bool(getattr(grant, "no_new_privs", False)))
+        creds = (grant.uid, grant.gid, grant.groups, tuple(grant.capabilities),
+                 tuple(sorted(grant.rlimits.items())), grant.no_new_privs)
         return (uid, gid, exe, identity, spec.exec_fd is not None, tuple(spec.argv),
                 tuple(spec.env), spec.cwd, spec.setsid, spec.pgroup, spec.umask, targets, creds,
-                getattr(spec, "restore_signals", True))
+                spec.restore_signals)
 
     @staticmethod
     def _entry_spec(spec: SpawnSpec) -> SpawnSpec:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import errno as _errno
-import operator
 import struct
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -315,7 +314,6 @@ def _text(v: Any, name: str, rid: int | None) -> bytes:
 
 
 _BYTES_ONLY = frozenset({bytes})
-_SPLIT_EQ = operator.methodcaller("split", b"=", 1)
 
 
 def _texts(items: list[Any], name: str, rid: int | None) -> tuple[bytes, ...]:

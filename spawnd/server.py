@@ -319,6 +319,8 @@ class Server:
         """Whether ``pid`` is something this daemon spawned (or just reaped)."""
         if pid <= 0 or pid == os.getpid():  # the kernel, or ourselves
             return False
+        # Not set yet when a signal pending at start-up is read before run() creates the table
+        # (tests/test_infra.py::test_sigterm_the_moment_the_socket_answers_is_a_clean_stop).
         children = getattr(self, "children", None)
         if children is not None:
             if children.get(pid) is not None:
@@ -745,7 +747,7 @@ class ConnectionHandler:
             real = privileged.real_path(exec_fd)
             grant: Grant = self.server.policy.decide(self.peer, req, real, is_script=is_script)
             inherited = inherit.spec_fields(self.server.policy, self.peer, self.sock, req, grant)
-            # infra: the daemon pre-raised its NOFILE limit; the child gets the original
+            # the daemon pre-raised its NOFILE limit; the child gets the original
             inherited["rlimits"] = inherit.with_child_nofile(inherited["rlimits"],  # type: ignore[arg-type]
                                                       self.server.child_nofile)
             spec = spawner.SpawnSpec(

@@ -67,45 +67,31 @@ class Stats:
         return time.monotonic() - f[1], f[2], f[3]
 
 
-def live_children(table: Any) -> list[Any]:
-    """Every live child in the daemon's ChildTable."""
-    return list(table)
-
-
-def exec_helper(server: Any) -> str:
-    """Which exec helper the daemon uses for what posix_spawn cannot do."""
-    from . import privileged
-
-    return privileged.helper().describe()
-
-
 def _pools(server: Any, uid: int | None) -> list[dict[str, Any]]:
-    pool = getattr(server, "pool", None)
     out = []
-    for key, entry in list(getattr(pool, "_entries", {}).items()):
-        owner = key[0] if isinstance(key, tuple) and key else None
+    for key, entry in list(server.pool._entries.items()):
+        owner = key[0]  # pool.Key starts with the uid
         if uid is not None and owner != uid:
             continue
-        spec = getattr(entry, "spec", None)
-        argv = [a.decode(errors="replace") if isinstance(a, bytes) else str(a)
-                for a in (getattr(spec, "argv", ()) or ())][:3]
-        out.append({"uid": owner, "argv": argv, "size": getattr(entry, "size", None),
-                    "idle": len(getattr(entry, "idle", ()))})
+        argv = [a.decode(errors="replace") for a in entry.spec.argv[:3]]
+        out.append({"uid": owner, "argv": argv, "size": entry.size, "idle": len(entry.idle)})
     return out
 
 
 def build_report(server: Any, stats: Stats, asker: Any, asking_conn: object) -> dict[str, Any]:
     """The status as ``asker`` (a Peer) may see it; ``asking_conn`` is left out of the counts."""
+    from . import privileged  # here: `spawnd status` runs from the client library without it
+
     root = asker.uid == 0
     only = None if root else asker.uid
     table = server.children
     now = time.monotonic()
     conns = [c for c in list(server.connections) if c is not asking_conn]
-    visible = [c for c in conns if root or getattr(c.peer, "uid", None) == asker.uid]
+    visible = [c for c in conns if root or (c.peer is not None and c.peer.uid == asker.uid)]
     visible.append(asking_conn)  # listed (its children too), flagged, never counted
     by_owner: dict[int, list[dict[str, Any]]] = {id(c): [] for c in visible}
     detached: list[dict[str, Any]] = []
-    children = [ch for ch in live_children(table) if root or ch.uid == asker.uid]
+    children = [ch for ch in table if root or ch.uid == asker.uid]
     listed = 0
     warm_busy: dict[int, int] = {}
     for ch in children:
@@ -125,11 +111,12 @@ def build_report(server: Any, stats: Stats, asker: Any, asking_conn: object) -> 
     clients = []
     for c in visible:
         peer = c.peer
-        clients.append({"pid": getattr(peer, "pid", None), "uid": getattr(peer, "uid", None),
+        clients.append({"pid": None if peer is None else peer.pid,
+                        "uid": None if peer is None else peer.uid,
                         "this": c is asking_conn, "children": by_owner[id(c)]})
     uids = set(stats.spawns) | set(stats.refusals) if root else {asker.uid}
     live_per_uid: dict[int, int] = {}
-    for ch in live_children(table):
+    for ch in table:
         live_per_uid[ch.uid] = live_per_uid.get(ch.uid, 0) + 1
     counters = {}
     for u in sorted(uids):
@@ -141,13 +128,12 @@ def build_report(server: Any, stats: Stats, asker: Any, asking_conn: object) -> 
     for c in counters.values():
         for name, n in c["refusals"].items():
             total["refusals"][name] = total["refusals"].get(name, 0) + n
-    pool = getattr(server, "pool", None)
     return {
         "pid": os.getpid(),
         "version": version(),
         "uptime": round(now - stats.started, 3),
         "started": stats.started_wall,
-        "exec_helper": exec_helper(server),
+        "exec_helper": privileged.helper().describe(),  # what posix_spawn cannot do
         "scope": "all" if root else f"uid {asker.uid}",
         "connections": len(visible) - 1,
         "children": len(children),
@@ -155,7 +141,7 @@ def build_report(server: Any, stats: Stats, asker: Any, asking_conn: object) -> 
         "clients": clients,
         "detached": detached,
         "pools": _pools(server, only),
-        "pool_idle": getattr(pool, "idle_count", 0) if root else sum(
+        "pool_idle": server.pool.idle_count if root else sum(
             p["idle"] for p in _pools(server, only)),
         "warm_busy": sum(warm_busy.values()),
         "counters": counters,

@@ -395,8 +395,7 @@ def test_signals_go_by_pidfd_without_a_round_trip(backend: str,
 def test_eperm_on_pidfd_falls_back_to_the_daemon(backend: str,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Unit test of the fallback: the pidfd refuses (as for a child of another uid) and the
-    Signal request names the child by its spawn request id (COMMON's form; until the
-    daemon side lands, a protocol without ``child`` gets the old ``pid`` form)."""
+    Signal request names the child by its spawn request id."""
     def refuse(fd: int, sig: int, *a: Any) -> None:
         raise PermissionError(errno.EPERM, "Operation not permitted")
 
@@ -419,8 +418,7 @@ def test_eperm_on_pidfd_falls_back_to_the_daemon(backend: str,
     rc, rid = run(backend, main)
     (ev,) = sent
     assert isinstance(ev, P.Signal) and ev.signal == signal.SIGKILL
-    if "child" in P.Signal.__dataclass_fields__:
-        assert ev.child == rid  # type: ignore[attr-defined]
+    assert ev.child == rid
     assert rc == -signal.SIGKILL
 
 

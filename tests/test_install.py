@@ -144,7 +144,7 @@ def test_fence_names_the_call_site(installed: Daemon) -> None:
 
 
 def test_asyncio_subprocess(installed: Daemon) -> None:
-    """asyncio's own create_subprocess_exec (or the async face, once merged) under install."""
+    """asyncio.create_subprocess_exec (the async face) under install."""
     spawnd_client.install()
 
     async def main() -> tuple[bytes, int, int]:

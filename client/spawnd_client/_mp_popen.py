@@ -230,13 +230,7 @@ class Popen:
     def _send_signal(self, sig: int) -> None:
         if self.returncode is not None or self._child is None or self._child.pidfd is None:
             return
-        try:
-            # Through our pidfd: never a recycled pid, and no round trip to the daemon.
-            signal.pidfd_send_signal(self._child.pidfd, sig)
-        except ProcessLookupError:
-            pass
-        except PermissionError:  # a child under another uid: the daemon may signal it
-            self._child.send_signal(sig)
+        self._child.send_signal(sig)  # pidfd first; the daemon only if that is refused (EPERM)
 
     def interrupt(self) -> None:  # Process.interrupt() (3.14)
         self._send_signal(signal.SIGINT)

@@ -93,6 +93,23 @@ def check_frame_size(data: bytes) -> None:
                       f"{P.MAX_FRAME} bytes per message")
 
 
+def feed(proto: P.Connection, data: bytes, anc: Any, route: Callable[[P.Event], Any]
+         ) -> BaseException | None:
+    """Hand one ``recvmsg`` (bytes and fds) to the protocol and route every whole event.
+    Returns what the connection must fail with (a protocol error, or EOF), else None.
+    Shared by the blocking transport and the async connection."""
+    fds = [off_stdio(fd) for fd in fdpass.received_fds(anc)] if anc else []
+    try:
+        proto.receive_data(data, fds)
+        while (ev := proto.next_event()) is not None:
+            route(ev)
+    except P.ProtocolError as e:
+        return e
+    if not data:
+        return DaemonConnectionError("spawnd closed the connection")
+    return None
+
+
 class _Waiter:
     __slots__ = ("done", "reply", "on_spawned")
 
@@ -345,16 +362,9 @@ class Transport:
         if error is not None:
             self._fail(error)
             return
-        fds = [off_stdio(fd) for fd in fdpass.received_fds(anc)] if anc else []
-        try:
-            self.proto.receive_data(data, fds)
-            while (ev := self.proto.next_event()) is not None:
-                self._route(ev)
-        except P.ProtocolError as e:
-            self._fail(e)
-            return
-        if not data:
-            self._fail(DaemonConnectionError("spawnd closed the connection"))
+        end = feed(self.proto, data, anc, self._route)
+        if end is not None:
+            self._fail(end)
 
     def _route(self, ev: P.Event) -> None:
         if isinstance(ev, P.Exit):

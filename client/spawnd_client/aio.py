@@ -38,9 +38,10 @@ from spawnd import protocol as P
 from spawnd.paths import default_socket_path
 
 from ._caller import caller_state
-from ._transport import check_frame_size, new_socket, off_stdio
+from ._mp_boot import is_open
+from ._transport import FD_SPACE, RECV_SIZE, check_frame_size, feed, new_socket
 from .autostart import private_daemon
-from .client import StrOrBytes, spawn_request
+from .client import StrOrBytes, pidfd_signal, signal_request, spawn_request
 from .errors import DaemonConnectionError, DaemonUnavailable, error_to_exception
 
 __all__ = [
@@ -48,8 +49,6 @@ __all__ = [
     "CompletedProcess", "Process", "default_client", "open_process", "run_process",
 ]
 
-RECV_SIZE = 256 * 1024
-FD_SPACE = socket.CMSG_SPACE(8 * 4)
 CONNECT_TIMEOUT = 10.0
 
 
@@ -351,16 +350,9 @@ class _Connection:
                 if not drain:
                     self._fail(e)
                 return
-            fds = [off_stdio(fd) for fd in fdpass.received_fds(anc)]
-            try:
-                self.proto.receive_data(data, fds)
-                while (ev := self.proto.next_event()) is not None:
-                    self._route(ev)
-            except P.ProtocolError as e:
-                self._fail(e)
-                return
-            if not data:
-                self._fail(DaemonConnectionError("spawnd closed the connection"))
+            end = feed(self.proto, data, anc, self._route)
+            if end is not None:
+                self._fail(end)
                 return
             if not drain and len(data) < RECV_SIZE:
                 return
@@ -466,14 +458,6 @@ async def _closer(conn: _Connection) -> Any:
 
 # ---------------------------------------------------------------- children
 
-def _signal_event(rid: int, child: AsyncChild, sig: int) -> P.Signal:
-    """The Signal request naming the child by its spawn request id (COMMON's form); a
-    daemon still on the old ``pid`` form gets that instead."""
-    if "child" in getattr(P.Signal, "__dataclass_fields__", {}):
-        return P.Signal(id=rid, child=child.rid, signal=sig)  # type: ignore[call-arg]
-    return P.Signal(id=rid, pid=child.pid, signal=sig)  # type: ignore[call-arg]
-
-
 class AsyncChild:
     """A child the daemon started for this event loop's connection; ``returncode`` follows
     ``subprocess`` (negative: killed by that signal)."""
@@ -512,28 +496,20 @@ class AsyncChild:
         """True if the signal went (or the child is gone already); False: ask the daemon."""
         if self.returncode is not None or self.lost is not None:
             return True
-        if self.pidfd is None:
-            return False
-        try:
-            _signal.pidfd_send_signal(self.pidfd, sig)
-        except ProcessLookupError:
-            return True  # exited meanwhile, like subprocess
-        except PermissionError:
-            return False  # e.g. it runs as another user: the daemon may
-        return True
+        return pidfd_signal(self.pidfd, sig)
 
     def signal_nowait(self, sig: int) -> None:
         """Signal now (sync): pidfd, else a daemon request whose reply is not awaited."""
         if not self._via_pidfd(int(sig)) and self.client.broken is None:
             conn = self.client
-            conn.post(_signal_event(conn.next_id(), self, int(sig)))
+            conn.post(signal_request(conn.next_id(), self.rid, sig))
 
     async def send_signal(self, sig: int) -> None:
         if self._via_pidfd(int(sig)):
             return
         conn = self.client
         try:
-            await conn.request(_signal_event(conn.next_id(), self, int(sig)))
+            await conn.request(signal_request(conn.next_id(), self.rid, sig))
         except ProcessLookupError:
             pass
 
@@ -637,14 +613,6 @@ def _fileno(what: Any) -> int:
     return what if isinstance(what, int) else what.fileno()
 
 
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
 async def start_child(args: Sequence[StrOrBytes], *, stdin: Any, stdout: Any, stderr: Any,
                       client: AsyncClient | None = None, executable: StrOrBytes | None = None,
                       cwd: StrOrBytes | None = None, env: Mapping[Any, Any] | None = None,
@@ -685,10 +653,10 @@ async def start_child(args: Sequence[StrOrBytes], *, stdin: Any, stdout: Any, st
             elif how == STDOUT and target == 2:
                 if 1 in fds:
                     fds[2] = fds[1]
-                elif _is_open(1):
+                elif is_open(1):
                     fds[2] = 1
             elif how is None:
-                if _is_open(target):
+                if is_open(target):
                     fds[target] = target  # our own stdio, passed explicitly
             else:
                 fds[target] = _fileno(how)
@@ -727,8 +695,8 @@ def _argv(command: Any) -> list[Any]:
 
 # ---------------------------------------------------------------- the anyio face
 
-class _ReceivePipe(anyio.abc.ByteReceiveStream):
-    """Our read end of a child's pipe, non-blocking, waited on with the loop's readiness."""
+class _PipeEnd:
+    """Our end of a child's pipe: non-blocking, waited on with the loop's readiness."""
 
     def __init__(self, fd: int) -> None:
         os.set_blocking(fd, False)
@@ -736,6 +704,17 @@ class _ReceivePipe(anyio.abc.ByteReceiveStream):
 
     def fileno(self) -> int:
         return self._fd
+
+    async def aclose(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            anyio.notify_closing(fd)
+            os.close(fd)
+        await anyio.lowlevel.checkpoint()
+
+
+class _ReceivePipe(_PipeEnd, anyio.abc.ByteReceiveStream):
+    """Our read end of a child's stdout or stderr pipe."""
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         await anyio.lowlevel.checkpoint_if_cancelled()
@@ -757,23 +736,9 @@ class _ReceivePipe(anyio.abc.ByteReceiveStream):
                 raise anyio.EndOfStream
             return data
 
-    async def aclose(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            anyio.notify_closing(fd)
-            os.close(fd)
-        await anyio.lowlevel.checkpoint()
 
-
-class _SendPipe(anyio.abc.ByteSendStream):
+class _SendPipe(_PipeEnd, anyio.abc.ByteSendStream):
     """Our write end of a child's stdin pipe."""
-
-    def __init__(self, fd: int) -> None:
-        os.set_blocking(fd, False)
-        self._fd = fd
-
-    def fileno(self) -> int:
-        return self._fd
 
     async def send(self, item: bytes) -> None:
         await anyio.lowlevel.checkpoint_if_cancelled()
@@ -791,13 +756,6 @@ class _SendPipe(anyio.abc.ByteSendStream):
                 raise anyio.BrokenResourceError from e
         if not waited:
             await anyio.lowlevel.cancel_shielded_checkpoint()
-
-    async def aclose(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            anyio.notify_closing(fd)
-            os.close(fd)
-        await anyio.lowlevel.checkpoint()
 
 
 class Process(anyio.abc.Process):

@@ -105,12 +105,9 @@ def pidfd_signal(pidfd: int | None, sig: int) -> bool:
     return True
 
 
-def signal_request(rid: int, spawn_id: int, pid: int, sig: int) -> P.Signal:
+def signal_request(rid: int, spawn_id: int, sig: int) -> P.Signal:
     """The Signal message naming the child by the id of the Spawn that started it."""
-    if "child" in P.Signal.__dataclass_fields__:
-        return P.Signal(id=rid, child=spawn_id, signal=int(sig))  # type: ignore[call-arg]
-    # A protocol module from before the by-request-id form (until it is merged).
-    return P.Signal(id=rid, pid=pid, signal=int(sig))  # type: ignore[call-arg]
+    return P.Signal(id=rid, child=spawn_id, signal=int(sig))
 
 
 class Child:
@@ -173,7 +170,7 @@ class Child:
                 return
         t = self.transport
         try:
-            t.request(signal_request(t.next_id(), self.request_id, self.pid, sig), reply=False)
+            t.request(signal_request(t.next_id(), self.request_id, sig), reply=False)
         except ProcessLookupError:
             pass  # it exited meanwhile, like subprocess
 

@@ -12,7 +12,7 @@ which took a reference before ``install()`` (``from subprocess import Popen``) i
 * ``os.system``, ``os._spawnvef`` (``os.spawnv*``/``spawnl*``), ``os.waitpid`` (emulated for
   the daemon's children this process started: asyncio's child watchers use it).
 * multiprocessing's default context and so ``ProcessPoolExecutor``'s; asyncio's
-  ``create_subprocess_exec/shell`` (the async face, when ``spawnd_client.asyncio`` exists).
+  ``create_subprocess_exec/shell`` (the async face, ``spawnd_client.asyncio``).
 * ``forbid_fork=True``: ``os.fork``, ``os.forkpty``, ``os.posix_spawn(p)`` and
   ``_posixsubprocess.fork_exec`` raise :class:`ForkForbidden` naming the call site.
 """
@@ -221,23 +221,18 @@ def _install_multiprocessing() -> None:
 # -- asyncio ------------------------------------------------------------------------------
 
 def _install_asyncio() -> None:
-    """asyncio's module functions go to the async face when it exists. Without it (and for
-    ``loop.subprocess_exec/shell``) asyncio's own transports run, whose ``Popen`` is the
-    daemon's (patched above) and whose child watcher's ``os.waitpid`` is emulated."""
-    import importlib
-    import importlib.util
-
-    if importlib.util.find_spec(f"{__package__}.asyncio") is None:
-        return
+    """asyncio's module functions go to the async face. ``loop.subprocess_exec/shell`` keep
+    asyncio's own transports, whose ``Popen`` is the daemon's (patched above) and whose
+    child watcher's ``os.waitpid`` is emulated."""
     import asyncio as _asyncio
     import asyncio.subprocess as _asub
 
-    face = importlib.import_module(f"{__package__}.asyncio")
+    from . import asyncio as face
+
     for name in ("create_subprocess_exec", "create_subprocess_shell"):
-        fn = getattr(face, name, None)
-        if fn is not None:
-            _patch(_asyncio, name, fn)
-            _patch(_asub, name, fn)
+        fn = getattr(face, name)
+        _patch(_asyncio, name, fn)
+        _patch(_asub, name, fn)
 
 
 # -- the fork fence -----------------------------------------------------------------------
