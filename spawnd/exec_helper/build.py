@@ -9,9 +9,11 @@ installed. No compiler (or a failed build) is not an error: the Python fallback 
 from __future__ import annotations
 
 import os
+import select
 import shutil
-import subprocess
+import signal
 import sys
+import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).resolve().with_name("spawnd-exec.c")
@@ -37,15 +39,13 @@ def build(dest: Path, *, quiet: bool = False) -> bool:
     for extra in (["-static"], []):
         cmd = [cc, *CFLAGS, *extra, "-o", str(tmp), str(SOURCE)]
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            rc, err = _run(cmd)
         except OSError as e:
-            res = None
-            err = str(e)
+            rc, err = None, str(e)
             break
-        err = res.stderr
-        if res.returncode == 0:
+        if rc == 0:
             break
-    if res is None or res.returncode != 0:
+    if rc != 0:
         if not quiet:
             print(f"spawnd: building the C exec helper failed ({' '.join(cmd)}):\n{err}"
                   "the Python exec helper will be used", file=sys.stderr)
@@ -54,6 +54,25 @@ def build(dest: Path, *, quiet: bool = False) -> bool:
     os.chmod(tmp, 0o755)
     os.replace(tmp, dest)
     return True
+
+
+def _run(cmd: list[str], timeout: float = 120.0) -> tuple[int, str]:
+    """Run the compiler with posix_spawn (nothing in spawnd forks, install tools included);
+    its exit status and stderr. A compiler hung past ``timeout`` is killed."""
+    with tempfile.TemporaryFile() as errf:
+        pid = os.posix_spawnp(cmd[0], cmd, dict(os.environ), file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, errf.fileno(), 1),
+            (os.POSIX_SPAWN_DUP2, errf.fileno(), 2)])
+        pidfd = os.pidfd_open(pid)
+        try:
+            if not select.select([pidfd], [], [], timeout)[0]:
+                os.kill(pid, signal.SIGKILL)
+        finally:
+            os.close(pidfd)
+        status = os.waitpid(pid, 0)[1]
+        errf.seek(0)
+        return os.waitstatus_to_exitcode(status), errf.read().decode(errors="replace")
 
 
 def ensure_built(dest: Path | None = None) -> bool:
