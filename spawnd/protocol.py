@@ -734,6 +734,10 @@ class Connection:
             self._consumed += end
             fds = self._claim_fds(start, self._consumed)
             lost = self._claim_lost(self._consumed)
+            if not lost and self.their_hello is not None and self.role == "server":
+                seen = _SEEN_SPAWNS.lookup(body, fds)
+                if seen is not None:
+                    return seen
             try:
                 msg, dup = self._unpack(body)
             except ProtocolError as e:
@@ -763,6 +767,8 @@ class Connection:
                 # never both here and in take_unclaimed_fds, or they would be closed twice).
                 e.fds = fds  # type: ignore[attr-defined]
                 raise
+            if type(ev) is Spawn and self.their_hello is not None:
+                _SEEN_SPAWNS.remember(body, ev)
             if self.their_hello is None:
                 if not isinstance(ev, Hello):
                     e = ProtocolError("the first message must be hello", field="t", fatal=True)
@@ -801,7 +807,8 @@ class Connection:
         try:
             msg = msgpack.unpackb(
                 body, raw=False, strict_map_key=True, use_list=True,
-                max_str_len=MAX_STR, max_bin_len=MAX_STR, max_array_len=MAX_ARRAY,
+                max_str_len=MAX_STR, max_bin_len=MAX_STR,
+                max_array_len=min(MAX_ARRAY, len(body)),  # each entry takes >= 1 byte
                 max_map_len=MAX_MAP, max_ext_len=0,
                 ext_hook=_refuse_ext, object_pairs_hook=dups.hook,
             )
@@ -817,6 +824,7 @@ class Connection:
             raise ProtocolError(f"undecodable message: a str is not valid UTF-8 ({e.reason} at "
                                 f"byte {e.start}); send raw bytes as bin", fatal=True) from None
         except (ValueError, TypeError) as e:
+            _precheck(body, quick=False)  # a header that lies about its size: say so
             kind = type(e).__name__
             raise ProtocolError(f"undecodable message ({kind}: {e})", fatal=True) from None
         except Exception as e:  # msgpack raises a few odd types on hostile input
@@ -845,6 +853,76 @@ class Connection:
         """Bytes to write for ``event`` (send its fds in the same sendmsg as these bytes)."""
         body = msgpack.packb(event.to_wire(), use_bin_type=True)
         return HEADER.pack(len(body)) + body
+
+
+class _SpawnCache:
+    """Spawn frames seen before, by their bytes apart from the id: parsed once, not again.
+
+    A client sends the same request (argv, environment, limits, fds) over and over with
+    only the id changing; decoding and validating it is most of a spawn's protocol cost.
+    Only a frame shaped as our client writes it (``t`` then ``id`` first) is looked up,
+    and only one that parsed cleanly is kept, so a hit is exactly what the parser would
+    return: equal bytes mean an equal message. The fds that came with it are checked
+    again (their count is part of the request's validity); anything else goes to the
+    parser. Bounded: at most ``SIZE`` frames of at most ``MAX_BYTES`` each.
+    """
+
+    SIZE = 16
+    MAX_BYTES = 32 * 1024
+    # After the map header: fixstr "t", fixstr "spawn", fixstr "id"; then the id (an int).
+    HEAD = b"\xa1t\xa5spawn\xa2id"
+    INT_SIZE = {0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9}  # uint8..uint64, type byte included
+
+    def __init__(self) -> None:
+        # frame without its id -> the fields of the Spawn it parsed to, less id and fds
+        self._seen: dict[bytes, dict[str, Any]] = {}
+
+    def _split(self, body: bytes) -> tuple[bytes, int] | None:
+        """(the frame without its id, the id), or None for any other shape."""
+        if len(body) > self.MAX_BYTES:
+            return None
+        b0 = body[0]
+        at = 1 if 0x80 <= b0 <= 0x8F else 3 if b0 == 0xDE else 0
+        if not at or not body.startswith(self.HEAD, at):
+            return None
+        at += len(self.HEAD)
+        if at >= len(body):
+            return None
+        t = body[at]
+        if t < 0x80:
+            size, rid = 1, t
+        else:
+            size = self.INT_SIZE.get(t, 0)
+            if not size:
+                return None
+            rid = int.from_bytes(body[at + 1:at + size], "big")
+            if rid >= 2**63:
+                return None
+        return body[:at] + body[at + size:], rid
+
+    def lookup(self, body: bytes, fds: tuple[int, ...]) -> Spawn | None:
+        split = self._split(body)
+        if split is None:
+            return None
+        fields_ = self._seen.get(split[0])
+        if fields_ is None or len(fields_["fds"]) + fields_["cwd_fd"] != len(fds):
+            return None  # (a wrong fd count: the parser says what is wrong)
+        return Spawn(id=split[1], fds_received=fds, **fields_)
+
+    def remember(self, body: bytes, ev: Spawn) -> None:
+        split = self._split(body)
+        if split is None:
+            return
+        if len(self._seen) >= self.SIZE:
+            self._seen.clear()
+        self._seen[split[0]] = {name: getattr(ev, name) for name in _spawn_fields()}
+
+
+def _spawn_fields() -> tuple[str, ...]:
+    return tuple(n for n in _wire_names(Spawn) if n != "id")
+
+
+_SEEN_SPAWNS = _SpawnCache()
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
@@ -882,10 +960,13 @@ _FIXED_SIZE = {b: 1 for b in (*range(0x00, 0x80), *range(0xE0, 0x100), 0xC0, 0xC
 _FIXED_SIZE.update({0xCA: 5, 0xCB: 9, 0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9, 0xD0: 2, 0xD1: 3,
                     0xD2: 5, 0xD3: 9})
 _U16 = struct.Struct(">H").unpack_from
+# Frames up to this size whose bytes hold few possible container headers skip the walk.
+_QUICK_BYTES = 8 * 1024
+_NOT_CONTAINER = bytes(b for b in range(256) if not (0x80 <= b <= 0x9F or 0xDC <= b <= 0xDF))
 _U32 = struct.Struct(">I").unpack_from
 
 
-def _precheck(body: bytes) -> None:
+def _precheck(body: bytes, quick: bool = True) -> None:
     """Walk the msgpack headers, building nothing, before msgpack builds anything.
 
     msgpack preallocates each array at its header: a 5 KB frame of nested headers each
@@ -894,6 +975,11 @@ def _precheck(body: bytes) -> None:
     frame of empty maps would be 4 million dicts). Anything else wrong is left to msgpack.
     """
     n = len(body)
+    if quick and n <= _QUICK_BYTES and len(body.translate(None, _NOT_CONTAINER)) <= MAX_CONTAINERS:
+        # Counting every byte that could be an array/map header (in C) bounds the real
+        # headers: with max_array_len <= n (see _unpack), msgpack builds at most
+        # MAX_CONTAINERS x n entries here (4 MiB at most), and n objects.
+        return
     i = 0
     pending = 1  # objects still to come
     containers = items = 0

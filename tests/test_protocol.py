@@ -579,3 +579,68 @@ def test_valid_streams_yield_every_event(frames: list[tuple[bytes, int]]) -> Non
     assert len(events) == len(frames) + 1
     for ev, (_, n) in zip(events[1:], frames, strict=True):
         assert len(getattr(ev, "fds_received", ())) == n
+
+
+# ---------------------------------------------------------------------------- seen spawns
+# A Spawn frame equal to one parsed before apart from its id is not decoded again
+# (issue 12): every answer must still be exactly what the parser would give.
+
+def _spawn_frame(rid: int, **fields: Any) -> bytes:
+    return P.Connection("client").send(P.Spawn(id=rid, argv=(b"/bin/true",), **fields))
+
+
+def test_a_seen_spawn_gets_its_own_id_and_fds() -> None:
+    env = tuple(b"V%d=%d" % (i, i) for i in range(40))
+    c = server(_spawn_frame(7, env=env, fds=(0, 1), cwd_fd=True), fds=(30, 31, 32))
+    first = c.next_event()
+    for rid in (8, 300, 70_000, 2**40):  # every msgpack int width
+        c.receive_data(_spawn_frame(rid, env=env, fds=(0, 1), cwd_fd=True), (40, 41, 42))
+        ev = c.next_event()
+        assert isinstance(ev, P.Spawn) and ev.id == rid and ev.fds_received == (40, 41, 42)
+        assert ev.env == first.env and ev.cwd_dir_fd == 42 and ev.child_fds == (40, 41)
+    # one byte of the environment differs: parsed afresh, not the seen one
+    c.receive_data(_spawn_frame(9, env=env[:-1] + (b"V39=40",), fds=(0, 1), cwd_fd=True),
+                   (50, 51, 52))
+    assert c.next_event().env[-1] == b"V39=40"
+
+
+def test_a_seen_spawn_with_the_wrong_fds_is_refused_as_by_the_parser() -> None:
+    c = server(_spawn_frame(1, fds=(0, 1)), fds=(30, 31))
+    c.next_event()
+    c.receive_data(_spawn_frame(2, fds=(0, 1)), (40,))
+    e = refused(c)
+    assert not e.fatal and e.request_id == 2 and e.errno == errno.EBADF
+    assert e.fds == (40,)  # type: ignore[attr-defined]
+    assert isinstance(c.next_event(), type(None))
+
+
+def test_a_seen_spawn_before_hello_is_still_fatal() -> None:
+    server(_spawn_frame(1)).next_event()  # seen on another connection
+    c = P.Connection("server")
+    c.receive_data(_spawn_frame(2))
+    e = refused(c)
+    assert e.fatal and "hello" in e.message
+
+
+def test_a_seen_spawn_with_an_id_out_of_range_is_refused() -> None:
+    c = server(_spawn_frame(1))
+    c.next_event()
+    body = _spawn_frame(1)[P.HEADER.size:]
+    at = body.index(b"\xa2id") + 3
+    bad = body[:at] + b"\xcf" + (2**64 - 1).to_bytes(8, "big") + body[at + 1:]
+    c.receive_data(body_frame(bad))
+    e = refused(c)
+    assert e.field == "id"
+
+
+def test_a_seen_spawn_is_not_decoded_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    unpack = P.Connection._unpack
+    monkeypatch.setattr(P.Connection, "_unpack",
+                        staticmethod(lambda body: calls.append(1) or unpack(body)))
+    c = server(_spawn_frame(1, env=(b"A=1",)))
+    c.next_event()
+    calls.clear()
+    c.receive_data(_spawn_frame(2, env=(b"A=1",)))
+    assert c.next_event().id == 2
+    assert not calls
