@@ -195,30 +195,16 @@ def spawn(spec: SpawnSpec) -> int:
         # closefrom action (and by exec), yet a #! interpreter opens this path later.
         path = b"/proc/%d/fd/%d" % (os.getpid(), spec.exec_fd)
 
-    argv = (ctypes.c_char_p * (len(spec.argv) + 1))(*spec.argv)
-    envp = (ctypes.c_char_p * (len(spec.env) + 1))(*spec.env)
-    actions = ctypes.create_string_buffer(_ACTIONS_SIZE)
-    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    argv = _ARGV.array(spec.argv)
+    envp = _ENVP.array(spec.env)
     pid = _int()
     moved = _move_sources(targets, top)
-    _fa_init(actions)  # both inits are a memset in glibc: they cannot fail
-    _attr_init(attr)
     old_umask: int | None = None
     saved_limits: list[tuple[int, tuple[int, int]]] = []
     saved_affinity: set[int] | None = None
     try:
-        if spec.cwd_fd is not None:
-            # First, before any dup2/close action can reuse or close that fd number.
-            _ok(_fa_fchdir(actions, spec.cwd_fd), STAGE_CWD, spec.cwd)
-        _add_fd_actions(actions, targets, moved, top)
-        if spec.cwd is not None:
-            _ok(_fa_chdir(actions, spec.cwd), STAGE_CWD, spec.cwd)
-        _ok(_attr_setflags(attr, flags), STAGE_EXEC)
-        _ok(_attr_setsigdefault(
-            attr, _ALL_SIGNALS if spec.restore_signals else _ALL_BUT_PIPE_XFSZ), STAGE_EXEC)
-        _ok(_attr_setsigmask(attr, _NO_SIGNALS), STAGE_EXEC)
-        if pgroup is not None:
-            _ok(_attr_setpgroup(attr, pgroup), STAGE_EXEC)
+        actions = _file_actions(targets, moved, top, spec.cwd_fd, spec.cwd)
+        attr = _attributes(flags, spec.restore_signals, pgroup)
         if spec.umask is not None:
             old_umask = os.umask(spec.umask)  # the child inherits it; single-threaded
         saved_limits = _borrow_rlimits(spec.rlimits)
@@ -228,8 +214,6 @@ def spawn(spec: SpawnSpec) -> int:
         if old_umask is not None:
             os.umask(old_umask)
         _give_back(saved_limits, saved_affinity)
-        _attr_destroy(attr)
-        _fa_destroy(actions)
         for fd in moved.values():
             os.close(fd)
     if err:
@@ -269,6 +253,88 @@ def resolve_executable(name: bytes, path_env: bytes | None, cwd: bytes | None) -
 
 
 # --- helpers ---------------------------------------------------------------------------
+
+
+# --- what one spawn hands glibc, built once per distinct value ---------------------------
+# A client repeats the same request: the same argv and environment (the same tuples, from
+# protocol's seen-spawn cache), the same fd numbers, the same attributes. Building the
+# glibc structures costs more in ctypes calls than the rest of the daemon's Python work on
+# a plain spawn, so each distinct value is built once and kept (bounded); glibc only reads
+# them during posix_spawn.
+
+
+class _ArrayCache:
+    """NULL-terminated ``char *[]`` arrays of immutable byte-string tuples, by identity."""
+
+    SIZE = 32
+
+    def __init__(self) -> None:
+        self._arrays: dict[int, tuple[tuple[bytes, ...], ctypes.Array]] = {}
+
+    def array(self, strings: Sequence[bytes]) -> ctypes.Array:
+        if type(strings) is not tuple:  # a list could change under its id
+            return (ctypes.c_char_p * (len(strings) + 1))(*strings)
+        hit = self._arrays.get(id(strings))
+        if hit is not None and hit[0] is strings:
+            return hit[1]
+        arr = (ctypes.c_char_p * (len(strings) + 1))(*strings)
+        if len(self._arrays) >= self.SIZE:
+            self._arrays.clear()
+        self._arrays[id(strings)] = (strings, arr)  # the tuple keeps its bytes (and id) alive
+        return arr
+
+
+_ARGV = _ArrayCache()
+_ENVP = _ArrayCache()
+_ATTRS: dict[tuple[int, bool, int | None], ctypes.Array] = {}
+_ACTIONS: dict[tuple[object, ...], ctypes.Array] = {}
+_ACTIONS_KEPT = 32
+
+
+def _attributes(flags: int, restore_signals: bool, pgroup: int | None) -> ctypes.Array:
+    """The spawn attributes; those of a new group or the daemon's (a few) are kept."""
+    key = (flags, restore_signals, pgroup)
+    attr = _ATTRS.get(key)
+    if attr is not None:
+        return attr
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    _attr_init(attr)  # a memset in glibc; destroy is a no-op (a kept one is never destroyed)
+    _ok(_attr_setflags(attr, flags), STAGE_EXEC)
+    _ok(_attr_setsigdefault(attr, _ALL_SIGNALS if restore_signals else _ALL_BUT_PIPE_XFSZ),
+        STAGE_EXEC)
+    _ok(_attr_setsigmask(attr, _NO_SIGNALS), STAGE_EXEC)
+    if pgroup is not None:
+        _ok(_attr_setpgroup(attr, pgroup), STAGE_EXEC)
+    if pgroup in (None, 0):  # an explicit group id is rarely used twice: not kept
+        _ATTRS[key] = attr
+    return attr
+
+
+def _file_actions(targets: dict[int, int], moved: dict[int, int], top: int,
+                  cwd_fd: int | None, cwd: bytes | None) -> ctypes.Array:
+    """The file actions for these fd numbers and cwd; kept by exactly those values."""
+    key = (tuple(targets.items()), tuple(moved.items()), top, cwd_fd, cwd)
+    actions = _ACTIONS.get(key)
+    if actions is not None:
+        return actions
+    actions = ctypes.create_string_buffer(_ACTIONS_SIZE)
+    _fa_init(actions)  # a memset in glibc: cannot fail
+    try:
+        if cwd_fd is not None:
+            # First, before any dup2/close action can reuse or close that fd number.
+            _ok(_fa_fchdir(actions, cwd_fd), STAGE_CWD, cwd)
+        _add_fd_actions(actions, targets, moved, top)
+        if cwd is not None:
+            _ok(_fa_chdir(actions, cwd), STAGE_CWD, cwd)
+    except SpawnError:
+        _fa_destroy(actions)
+        raise
+    if len(_ACTIONS) >= _ACTIONS_KEPT:
+        for old in _ACTIONS.values():
+            _fa_destroy(old)  # glibc frees the copied paths and the action list
+        _ACTIONS.clear()
+    _ACTIONS[key] = actions
+    return actions
 
 
 def _borrow_rlimits(limits: Sequence[tuple[int, int, int]]) -> list[tuple[int, tuple[int, int]]]:

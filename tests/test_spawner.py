@@ -551,3 +551,33 @@ def test_spawn_error_shape():
     assert str(SpawnError(errno.EBADF, STAGE_FDS)) == "[Errno 9] Bad file descriptor (stage: fds)"
     back = pickle.loads(pickle.dumps(err))
     assert (back.errno, back.stage, back.filename) == (errno.ENOENT, STAGE_EXEC, b"foo")
+
+
+def test_kept_glibc_structures_follow_every_change(tmp_path):
+    """issue 12: attributes, file actions and argv/env arrays are built once per distinct
+    value and kept; alternating requests must each get exactly their own."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    env_a, env_b = (b"V=a",), (b"V=b",)
+    script = b'echo "$V $(pwd) $(cut -d" " -f5 /proc/$$/stat) $$"'
+    for _ in range(2):
+        for env, cwd, pgroup in ((env_a, a, 0), (env_b, b, None), (env_a, b, None)):
+            code, out = run(SH, [b"sh", b"-c", script], env, cwd=os.fsencode(cwd),
+                            pgroup=pgroup)
+            v, where, pgid, pid = out.decode().split()
+            assert code == 0 and v == env[0][2:].decode() and where == str(cwd)
+            assert (pgid == pid) == (pgroup == 0)  # a new group only when asked
+    r, w = os.pipe()
+    try:
+        for target in (1, 5, 1):  # the same source fd, another target: other actions
+            pid = spawn(SpawnSpec(SH, [b"sh", b"-c", b"echo hi >&%d" % target], [],
+                                  [(w, target)]))
+            assert reap(pid) == 0
+        os.close(w)
+        w = -1
+        assert read_all(r) == b"hi\n" * 3
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
