@@ -24,7 +24,6 @@ import ctypes
 import gc
 import heapq
 import logging
-import math
 import os
 import select
 import signal
@@ -99,8 +98,10 @@ class ChildTable:
         self._epoll = select.epoll()
         self._timers: list[tuple[float, int, int, Child]] = []  # (when, seq, kind, child)
         self._seq = 0
-        self._wait_scope: trio.CancelScope | None = None
+        self._wait_scope: trio.CancelScope | None = None  # the timer task's, while it sleeps
+        self._timer_added = trio.Event()
         nursery.start_soon(self._reaper)
+        nursery.start_soon(self._timer_task)
         # (monotonic time, pid) of the last reaps: a child may signal the daemon and exit
         # before the signal is read; spawnd/signals.py must still know it was a child.
         self.recently_reaped: deque[tuple[float, int]] = deque(maxlen=4096)
@@ -149,22 +150,30 @@ class ChildTable:
 
     # -- the reaper: one task for every child
     async def _reaper(self) -> None:
+        # No cancel scope per wait: entering and leaving one costs more than the reap.
         epfd = self._epoll.fileno()
         try:
             while True:
-                deadline = self._timers[0][0] if self._timers else math.inf
-                with trio.CancelScope(deadline=deadline) as scope:
-                    self._wait_scope = scope
-                    await trio.lowlevel.wait_readable(epfd)
-                self._wait_scope = None
+                await trio.lowlevel.wait_readable(epfd)
                 self._reap_ready()
-                if self._timers:
-                    self._run_timers()
         finally:
-            self._wait_scope = None
             self._abandon_all()
             trio.lowlevel.notify_closing(epfd)
             self._epoll.close()
+
+    async def _timer_task(self) -> None:
+        """Sleeps until the earliest timer (a kill after a grace, a re-check); rarely runs."""
+        while True:
+            if not self._timers:
+                self._timer_added = trio.Event()
+                await self._timer_added.wait()
+            with trio.CancelScope(deadline=self._timers[0][0]) as scope:
+                self._wait_scope = scope
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    self._wait_scope = None
+            self._run_timers()
 
     def _reap_ready(self) -> None:
         by_fd = self._by_fd
@@ -270,6 +279,7 @@ class ChildTable:
         scope = self._wait_scope
         if scope is not None and when < scope.deadline:
             scope.deadline = when
+        self._timer_added.set()
 
     def _run_timers(self) -> None:
         now = trio.current_time()

@@ -21,7 +21,6 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import trio
@@ -54,6 +53,12 @@ class Options:
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     frame_timeout: float = FRAME_TIMEOUT
     pool_max: int = DEFAULT_POOL_MAX  # idle warm interpreters, all users (spawnd/pool.py)
+
+
+# socket's MSG_* are enum.IntFlag members: combining and testing them per call costs µs.
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+_CTRUNC = int(socket.MSG_CTRUNC)
 
 
 def peer_of(sock: socket.socket) -> Peer:
@@ -482,7 +487,7 @@ class ConnectionHandler:
         anc = fdpass.ancillary(fds)
         assert self._raw is not None
         try:
-            sent = self._raw.sendmsg([data], anc, socket.MSG_DONTWAIT)
+            sent = self._raw.sendmsg([data], anc, _DONTWAIT)
         except BlockingIOError:
             return data, fds
         except OSError:  # the peer is gone: the reader sees EOF and ends the connection
@@ -555,8 +560,7 @@ class ConnectionHandler:
         waited = False
         while True:
             try:
-                data, anc, flags, _ = raw.recvmsg(RECV_SIZE, FD_SPACE,
-                                                  socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+                data, anc, flags, _ = raw.recvmsg(RECV_SIZE, FD_SPACE, _RECV_FLAGS)
                 break
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self.sock)
@@ -566,7 +570,7 @@ class ConnectionHandler:
         if not waited:  # shielded: a cancel now would lose what was just read (and its fds)
             await trio.lowlevel.cancel_shielded_checkpoint()
         fds = fdpass.received_fds(anc)
-        if flags & socket.MSG_CTRUNC:
+        if flags & _CTRUNC:
             # At our fd limit the kernel installs what fits and drops the rest: only the
             # request these fds came with is refused (EMFILE, stage "fds"), by the parser.
             n = self.server._log_limit.allow("ctrunc")
@@ -574,7 +578,7 @@ class ConnectionHandler:
                 log.warning("control message truncated: %d fds arrived, the rest were lost "
                             "(out of fds?)%s", len(fds),
                             f"; {n} more since the last message" if n else "")
-        return data, fds, bool(flags & socket.MSG_CTRUNC)
+        return data, fds, bool(flags & _CTRUNC)
 
     async def _reader(self) -> None:
         assert self.peer is not None
@@ -593,8 +597,11 @@ class ConnectionHandler:
                 self._drained = trio.Event()  # a client that sends but never reads: wait
                 await self._drained.wait()
             try:
-                with trio.fail_at(deadline) if deadline is not None else nullcontext():
+                if deadline is None:
                     data, fds, truncated = await self._recv()
+                else:
+                    with trio.fail_at(deadline):
+                        data, fds, truncated = await self._recv()
                 self.proto.receive_data(data, fds, truncated=truncated)
                 while True:
                     try:

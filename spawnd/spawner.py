@@ -406,8 +406,9 @@ def _move_sources(targets: dict[int, int], top: int) -> dict[int, int]:
 
     Then no dup2 action can clobber a source that a later dup2 still reads, so swaps
     and cycles just work, and a source never equals its target (a real dup2 always
-    clears CLOEXEC). Other sources are only checked for being open: dup2 writes only
-    target numbers, and the /dev/null opens and closes run after all dup2s.
+    clears CLOEXEC). Other sources are left alone: dup2 writes only target numbers, and
+    the /dev/null opens and closes run after all dup2s; a closed one fails the child's
+    dup2, which posix_spawn reports as EBADF (stage "fds"), with no child left.
     Returns {source: temporary fd}; the caller closes them.
     """
     moved: dict[int, int] = {}
@@ -415,8 +416,6 @@ def _move_sources(targets: dict[int, int], top: int) -> dict[int, int]:
         for source in set(targets.values()):
             if source in targets:
                 moved[source] = fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, top + 1)
-            else:
-                fcntl.fcntl(source, fcntl.F_GETFD)
     except OSError as exc:
         for fd in moved.values():
             os.close(fd)
