@@ -123,3 +123,50 @@ def test_options_is_a_frozen_value() -> None:
     assert repr(o).startswith("Options(socket=None, warm=2, preload=('a', 'b')")
     ctx = mp.get_context(warm=3, socket="/nonexistent")
     assert pickle.loads(pickle.dumps(ctx)).options == ctx.options
+
+
+WARM_PROGRAM = textwrap.dedent("""
+    import json, re, sys, time, multiprocessing
+    if "--pool" in sys.argv:
+        import concurrent.futures.process, multiprocessing.pool
+
+    def probe(q):
+        q.put([m for m in ("multiprocessing.pool", "concurrent.futures.process",
+                           "multiprocessing.queues") if m in sys.modules])
+
+    if __name__ == "__main__":
+        from spawnd_client import mp
+        sock, log = sys.argv[1:3]
+        ctx = mp.get_context(socket=sock, warm=1)
+        ctx.prewarm()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the refill booted and said READY
+            text = open(log).read()
+            pids = re.findall(r"warm: started idle process (\\d+)", text)
+            if pids and f"warm: process {pids[-1]} ready " in text:
+                break
+            time.sleep(0.05)
+        q = ctx.SimpleQueue()
+        p = ctx.Process(target=probe, args=(q,))
+        p.start()
+        assert str(p.pid) == pids[-1], (p.pid, pids)  # the pooled process, preloaded
+        print(json.dumps(q.get()))
+        p.join()
+""")
+
+
+@pytest.mark.parametrize("parent_has_pools", [False, True], ids=["process-only", "pools"])
+def test_warm_process_preloads_pool_modules_only_if_the_parent_has_them(
+        bootd: Daemon, tmp_path: Path, parent_has_pools: bool) -> None:
+    """A refill costs a whole boot: multiprocessing.pool and concurrent.futures.process
+    (~4.5 ms of CPU) are preloaded only for a parent that uses them (was: always)."""
+    prog = tmp_path / "warm.py"
+    prog.write_text(WARM_PROGRAM)
+    argv = [sys.executable, str(prog), bootd.path, str(bootd.log)]
+    p = subprocess.run(argv + (["--pool"] if parent_has_pools else []), capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path, env=os.environ.copy())
+    assert p.returncode == 0, p.stderr
+    seen = set(json.loads(p.stdout))
+    assert "multiprocessing.queues" in seen
+    pools = {"multiprocessing.pool", "concurrent.futures.process"}
+    assert (seen & pools) == (pools if parent_has_pools else set())
