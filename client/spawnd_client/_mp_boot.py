@@ -55,17 +55,12 @@ PAYLOAD_MAGIC = b"SPMP"
 PAYLOAD_HEADER = struct.Struct("<4sI")
 MAX_PASSED_FDS = 253  # SCM_MAX_FD: what one sendmsg can carry
 
-#: Imported by every warm process whatever its preload list: what unpickling a process
-#: object with a queue, pipe or lock needs anyway, so a warm start does not pay for it.
+#: Imported by every warm process whatever its preload list: what unpickling a Pool or
+#: ProcessPoolExecutor worker needs anyway, so a warm start does not pay for it.
 ALWAYS_PRELOAD = (
     "multiprocessing.spawn", "multiprocessing.connection", "multiprocessing.queues",
-    "multiprocessing.synchronize",
+    "multiprocessing.synchronize", "multiprocessing.pool", "concurrent.futures.process",
 )
-#: Imported by a warm process only if its parent has imported them when it asks for the
-#: process (they are sent as the boot option ``uses``): the modules of a Pool or a
-#: ProcessPoolExecutor worker. ~4.5 ms of CPU a boot (logging, concurrent.futures._base...)
-#: that a program starting only ``Process`` objects would pay on every refill.
-PRELOAD_IF_PARENT_HAS = ("multiprocessing.pool", "concurrent.futures.process")
 
 _inherited: list[int] = []
 
@@ -116,8 +111,7 @@ def main(options: dict[str, Any]) -> NoReturn:
         sock = socket.socket(fileno=int(ctl))
         prep = options.get("prep")
         if prep is not None:
-            modules = (*options.get("uses", ()), *options.get("preload", ()))
-            _preload(prep, modules, lambda: _pending(sock))
+            _preload(prep, options.get("preload", ()), lambda: _pending(sock))
         _await_handoff(sock)
     _inherited[:] = _receive_fds(PAYLOAD_FD)
     from multiprocessing import resource_tracker, spawn

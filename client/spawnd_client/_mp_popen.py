@@ -15,7 +15,6 @@ import os
 import select
 import signal
 import socket
-import sys
 from collections.abc import Mapping
 from multiprocessing import spawn, util
 from multiprocessing.context import reduction, set_spawning_popen
@@ -28,7 +27,6 @@ from ._mp_boot import (
     PAYLOAD_FD,
     PAYLOAD_HEADER,
     PAYLOAD_MAGIC,
-    PRELOAD_IF_PARENT_HAS,
     TRACKER_FD,
     DupFd,
     is_open,
@@ -79,9 +77,6 @@ def boot_argv(ctx: SpawndContext, prep_data: Mapping[str, Any], socket_path: str
     }
     if o.warm:
         opts["prep"] = {k: prep_data[k] for k in _STATIC_PREP if k in prep_data}
-        uses = [m for m in PRELOAD_IF_PARENT_HAS if m in sys.modules]
-        if uses:
-            opts["uses"] = uses
     # The package is put in sys.modules uninitialised (see _mp_boot.defer_package_init).
     code = (f"import sys,importlib.util as u;sys.path[:0]={_import_roots()!r};"
             "s=u.find_spec('spawnd_client');sys.modules[s.name]=u.module_from_spec(s);"
