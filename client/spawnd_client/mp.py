@@ -171,7 +171,7 @@ class SpawndContext(_context.BaseContext):
         """Fill this context's warm pool now instead of at its first start.
 
         A pool is keyed by everything a start sends, so the only faithful way to create
-        it is a start: this runs one process that does nothing (a cold start, ~0.1 s) and
+        it is a start: this runs one process that does nothing (a cold start, ~40 ms) and
         the daemon fills the pool in the background. No-op without ``warm``.
         """
         if self.options.warm:
