@@ -34,7 +34,8 @@ registers the child in the ChildTable under the requesting connection like any o
 pid cannot be recycled before it is reaped, so ``pidfd_open`` there is race-free). Refills
 run in one task per key in the server's root nursery; the request path never waits for one.
 
-**No start is slower than a cold one.** An interpreter's boot is ~50-100 ms of CPU: a refill
+**No start is slower than a cold one.** An interpreter's boot is ~35 ms of CPU here
+(docs/multiprocessing.md, *What a boot costs*): a refill
 booting beside a request's boot would slow that request down, so refills (of every key)
 wait while any request's process is still booting (a cold start, or a booting process
 handed a request), and at most ``REFILL_PARALLEL`` refills boot at once, unless a CPU is
@@ -80,7 +81,7 @@ MAX_FAILURES = 5
 BACKOFF_FIRST = 0.1  # seconds before refilling after an idle death, doubling each time
 BACKOFF_MAX = 10.0
 #: After a handoff, wait this long before starting the replacement: its posix_spawn blocks
-#: the loop for a moment and its imports take a CPU for ~0.1 s, which the process just
+#: the loop for a moment and its imports take a CPU for ~35 ms, which the process just
 #: handed off (and the reply to its request) should not have to compete with.
 REFILL_DELAY = 0.02
 #: Keys remembered at once (each holds a task and an fd): distinct requests beyond this

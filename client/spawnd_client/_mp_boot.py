@@ -25,6 +25,7 @@ exactly like a cold child.
 
 from __future__ import annotations
 
+import array
 import errno
 import os
 import select
@@ -32,10 +33,14 @@ import socket
 import struct
 import sys
 import types
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NoReturn
 
-from spawnd import fdpass
+# What runs before the target is kept to what the stdlib ``spawn`` child imports anyway
+# (socket, array, struct come with multiprocessing.reduction): no typing, no collections.abc,
+# not even the ``spawnd`` package (see ``_received_fds``). tests/test_mp_boot.py checks it.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Mapping
+    from typing import Any, NoReturn
 
 PAYLOAD_FD = 3
 TRACKER_FD = 4
@@ -176,6 +181,17 @@ def _try_import(name: str) -> None:
         pass
 
 
+def _received_fds(ancdata: Iterable[tuple[int, int, bytes]]) -> list[int]:
+    """``spawnd.fdpass.received_fds``, repeated here so a child never imports ``spawnd``."""
+    fds: list[int] = []
+    for level, kind, blob in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            a = array.array("i")
+            a.frombytes(blob[: len(blob) - len(blob) % a.itemsize])
+            fds.extend(a)
+    return fds
+
+
 def _recv_handoff(sock: socket.socket) -> tuple[bytes, list[tuple[int, int, bytes]], int, Any]:
     return sock.recvmsg(HANDOFF_HEADER.size + 4 * MAX_PASSED_FDS,
                         socket.CMSG_SPACE(4 * MAX_PASSED_FDS), socket.MSG_CMSG_CLOEXEC)
@@ -199,7 +215,7 @@ def _await_handoff(sock: socket.socket) -> None:
         msg = b""
     if not msg:  # retired by the daemon (idle timeout, shutdown) before any request
         os._exit(0)
-    fds = fdpass.received_fds(anc)
+    fds = _received_fds(anc)
     magic, n = HANDOFF_HEADER.unpack_from(msg)
     targets = struct.unpack_from(f"<{n}i", msg, HANDOFF_HEADER.size)
     if magic != HANDOFF_MAGIC or len(fds) != n or flags & socket.MSG_CTRUNC:
@@ -236,7 +252,7 @@ def _receive_fds(fd: int) -> list[int]:
             msg, anc, flags, _ = sock.recvmsg(PAYLOAD_HEADER.size - len(header),
                                               socket.CMSG_SPACE(4 * MAX_PASSED_FDS),
                                               socket.MSG_CMSG_CLOEXEC)
-            fds.extend(fdpass.received_fds(anc))
+            fds.extend(_received_fds(anc))
             if flags & socket.MSG_CTRUNC:
                 raise OSError(errno.EMFILE, "fds passed by the parent were lost (MSG_CTRUNC)")
             if not msg:

@@ -20,9 +20,11 @@ import threading
 import warnings
 from multiprocessing import resource_tracker as _rt
 from multiprocessing import spawn, util
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False  # every child imports this module: not typing (see _mp_boot)
 if TYPE_CHECKING:
+    from typing import Any
+
     from .client import Child
     from .mp import SpawndContext
 

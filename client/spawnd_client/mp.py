@@ -22,15 +22,18 @@ from __future__ import annotations
 
 import copyreg
 import threading
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
 from multiprocessing import context as _context
 from multiprocessing import process as _process
-from typing import TYPE_CHECKING, Any
 
 from ._mp_compat import SUPPORTED, UnsupportedPython, check
 
+# Every spawnd child imports this module before its target runs (the pickled process is a
+# SpawndProcess), so it imports nothing the stdlib ``spawn`` child does not: no typing, no
+# dataclasses (inspect, ast, dis, tokenize: ~4 ms a boot). tests/test_mp_boot.py checks it.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from ._mp_popen import Popen
     from .client import Client
 
@@ -44,7 +47,6 @@ ON_DISCONNECT = ("terminate", "kill")
 MAX_WARM = 16  # the daemon's protocol limit per request (it caps the total again)
 
 
-@dataclass(frozen=True)
 class Options:
     """How a context starts processes. Every field is the same for all its starts.
 
@@ -58,29 +60,70 @@ class Options:
     the daemon does to the processes if this program's connection closes (it died).
     """
 
-    socket: str | None = None
-    warm: int | str = "auto"
-    preload: tuple[str, ...] = ("__main__",)
-    idle_timeout: float = 60.0
-    on_disconnect: str = "terminate"
-    grace: float = 5.0
-    autostart: bool | None = None
+    __slots__ = _FIELDS = ("socket", "warm", "preload", "idle_timeout", "on_disconnect",
+                           "grace", "autostart")
 
-    def __post_init__(self) -> None:
-        if isinstance(self.preload, str) or not all(isinstance(m, str) for m in self.preload):
+    socket: str | None
+    warm: int | str
+    preload: tuple[str, ...]
+    idle_timeout: float
+    on_disconnect: str
+    grace: float
+    autostart: bool | None
+
+    def __init__(self, socket: str | None = None, warm: int | str = "auto",
+                 preload: tuple[str, ...] = ("__main__",), idle_timeout: float = 60.0,
+                 on_disconnect: str = "terminate", grace: float = 5.0,
+                 autostart: bool | None = None) -> None:
+        if not isinstance(preload, str):
+            preload = tuple(preload)
+        if isinstance(preload, str) or not all(isinstance(m, str) for m in preload):
             raise TypeError("preload must be a sequence of module names")
-        object.__setattr__(self, "preload", tuple(self.preload))
-        if self.warm != "auto" and not (isinstance(self.warm, int)
-                                        and not isinstance(self.warm, bool)
-                                        and 0 <= self.warm <= MAX_WARM):
+        if warm != "auto" and not (isinstance(warm, int) and not isinstance(warm, bool)
+                                   and 0 <= warm <= MAX_WARM):
             raise ValueError(f'warm must be "auto" or an integer in [0, {MAX_WARM}]')
-        if not 0 < self.idle_timeout <= 3600:
+        if not 0 < idle_timeout <= 3600:
             raise ValueError("idle_timeout must be in (0, 3600] seconds")
-        if self.on_disconnect not in ON_DISCONNECT:
+        if on_disconnect not in ON_DISCONNECT:
             raise ValueError(f"on_disconnect must be one of {ON_DISCONNECT}: workers never "
                              "outlive their parent")
-        if not 0 <= self.grace <= 3600:
+        if not 0 <= grace <= 3600:
             raise ValueError("grace must be in [0, 3600] seconds")
+        values = (socket, warm, preload, idle_timeout, on_disconnect, grace, autostart)
+        for name, value in zip(self._FIELDS, values, strict=True):
+            object.__setattr__(self, name, value)
+
+    # A frozen value, as the dataclass it replaces was (dataclasses costs ~4 ms to import).
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def asdict(self) -> dict[str, Any]:
+        """The fields as keywords for ``get_context(**...)``."""
+        return {name: getattr(self, name) for name in self._FIELDS}
+
+    def _astuple(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self._FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not Options:
+            return NotImplemented
+        return self._astuple() == other._astuple()
+
+    def __hash__(self) -> int:
+        return hash(self._astuple())
+
+    def __repr__(self) -> str:
+        return "Options(" + ", ".join(f"{k}={v!r}" for k, v in self.asdict().items()) + ")"
+
+    def __reduce__(self) -> Any:
+        return (_options, (self.asdict(),))
+
+
+def _options(fields: dict[str, Any]) -> Options:
+    return Options(**fields)
 
 
 class SpawndProcess(_process.BaseProcess):
@@ -128,7 +171,7 @@ class SpawndContext(_context.BaseContext):
         """Fill this context's warm pool now instead of at its first start.
 
         A pool is keyed by everything a start sends, so the only faithful way to create
-        it is a start: this runs one process that does nothing (a cold start, ~0.1 s) and
+        it is a start: this runs one process that does nothing (a cold start, ~40 ms) and
         the daemon fills the pool in the background. No-op without ``warm``.
         """
         if self.options.warm:
@@ -142,7 +185,7 @@ class SpawndContext(_context.BaseContext):
         return _client_for(self.options)
 
     def __reduce__(self) -> Any:
-        return (_rebuild, (asdict(self.options),))
+        return (_rebuild, (self.options.asdict(),))
 
     def __repr__(self) -> str:
         return f"<SpawndContext {self.options}>"
@@ -185,8 +228,6 @@ def get_context(**options: Any) -> SpawndContext:
     """
     check()
     options = {**_inherited_defaults, **options}
-    if isinstance(options.get("preload"), Iterable) and not isinstance(options["preload"], str):
-        options["preload"] = tuple(options["preload"])
     ctx = SpawndContext(Options(**options))
     from ._mp_tracker import install  # not "from . import": see _mp_boot.defer_package_init
 
