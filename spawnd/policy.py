@@ -128,7 +128,7 @@ class Grant:
     """Exactly what a child gets. ``None`` credentials mean "unchanged": the daemon's own,
     which :class:`Policy` only leaves when the peer has the daemon's uid."""
 
-    executable: bytes
+    executable: bytes | None  # None: decided without it (Policy.path_agnostic)
     argv: tuple[bytes, ...]
     env: tuple[bytes, ...]
     uid: int | None = None
@@ -291,6 +291,10 @@ class Policy:
         self.rules = tuple(rules)
         # Per rule, what does not depend on the request, compiled once (hot path).
         self._compiled: dict[int, _CompiledRule] = {id(r): _CompiledRule(r) for r in self.rules}
+        #: No rule looks at which file runs (any executable, scripts too): a decision needs
+        #: no executable, so the server need not open the file to check it first.
+        self.path_agnostic = all(b"/" in self._compiled[id(r)].exec_dirs and r.allow_scripts
+                                 for r in self.rules)
         self.limits = limits or Limits()
         self.identity = identity or DaemonIdentity.current()
         self.directory: Directory = directory or SystemDirectory()
@@ -371,14 +375,16 @@ class Policy:
             return None
         return rate, burst if burst is not None else max(1, math.ceil(rate))
 
-    def decide(self, peer: Peer, req: P.Spawn, executable: bytes, *,
+    def decide(self, peer: Peer, req: P.Spawn, executable: bytes | None, *,
                is_script: bool = False) -> Grant:
         """The :class:`Grant` for ``req``, or :class:`Refused`.
 
         ``executable`` is the canonical absolute path of the file that will run: the server
         gets it from the opened fd (``privileged.real_path``), not from the request, so the
-        check and the exec concern the same file.
+        check and the exec concern the same file. None only when :attr:`path_agnostic`.
         """
+        if executable is None and not self.path_agnostic:
+            raise ValueError("this policy looks at the executable: give its real path")
         rules = self._rules_for(peer)
         if not rules:
             raise Refused(errno.EPERM, f"uid {peer.uid} is not allowed by the policy")
@@ -427,14 +433,15 @@ class Policy:
     def _own_groups(self, uid: int, gid: int) -> frozenset[int]:
         return frozenset({gid, *self.directory.groups_of(uid, gid)})
 
-    def _decide_rule(self, rule: Rule, peer: Peer, req: P.Spawn, executable: bytes,
+    def _decide_rule(self, rule: Rule, peer: Peer, req: P.Spawn, executable: bytes | None,
                      is_script: bool, req_caps: tuple[str, ...],
                      req_rlimits: dict[int, tuple[int, int]]) -> Grant:
         def deny(step: int, message: str, fld: str | None, code: int = errno.EPERM) -> NoReturn:
             raise _Denied(step, Refused(code, f"{message} (rule {rule.label})", fld))
 
         compiled = self._compiled.get(id(rule)) or _CompiledRule(rule)
-        self._check_executable(rule, req, executable, is_script, deny, compiled)
+        if executable is not None:
+            self._check_executable(rule, req, executable, is_script, deny, compiled)
         creds = self._credentials(rule, peer, req, deny)
         granted_caps = self._check_caps(rule, req_caps, deny) if req_caps else ()
         elevated = peer.uid != 0 and (creds.elevated or bool(granted_caps))

@@ -736,11 +736,14 @@ class ConnectionHandler:
         server.poke()
 
     async def _start(self, req: P.Spawn) -> int:
-        """Resolve and open the executable once, ask policy, then create the process.
+        """Resolve the executable, ask policy, then create the process.
 
-        The checked file is run by fd (``/proc/<daemon>/fd/N``), so a path swapped after
+        When some rule looks at which file runs, the file is opened once, policy checks the
+        opened file and it is run by fd (``/proc/<daemon>/fd/N``), so a path swapped after
         the check cannot be run in its place; ``#!`` scripts run by their checked real path
-        (the interpreter re-opens them by name; policy may forbid scripts).
+        (the interpreter re-opens them by name; policy may forbid scripts). When no rule
+        does (the default policies), a plain spawn runs the path as ``subprocess`` would,
+        without opening it first.
         """
         assert self.peer is not None
         name = req.executable if req.executable is not None else req.argv[0]
@@ -749,24 +752,18 @@ class ConnectionHandler:
                     else next((e[5:] for e in req.env if e.startswith(b"PATH=")), None))
         cwd = inherit.caller_cwd(req)  # issue 11: relative names resolve in the caller's cwd
         resolved = spawner.resolve_executable(name, path_env, cwd)
+        policy = self.server.policy
+        if policy.path_agnostic and req.warm is None:
+            grant = policy.decide(self.peer, req, None)
+            spec = self._spec(req, grant, resolved, None)
+            if not privileged.needs_helper(spec, grant):
+                return spawner.spawn(spec)
         exec_fd, is_script = privileged.open_executable(resolved, cwd)
         try:
             real = privileged.real_path(exec_fd)
-            grant: Grant = self.server.policy.decide(self.peer, req, real, is_script=is_script)
-            inherited = inherit.spec_fields(self.server.policy, self.peer, self.sock, req, grant)
-            # the daemon pre-raised its NOFILE limit; the child gets the original
-            inherited["rlimits"] = inherit.with_child_nofile(inherited["rlimits"],  # type: ignore[arg-type]
-                                                      self.server.child_nofile)
-            spec = spawner.SpawnSpec(
-                executable=real if is_script else resolved, argv=grant.argv, env=grant.env,
-                fd_map=tuple(zip(req.child_fds, req.fds, strict=True)), cwd=req.cwd,
-                setsid=req.start_new_session, umask=grant.umask,
-                # default: a process group of its own, so `kill 0` in a child cannot reach
-                # the daemon or other clients' children (subprocess's flags still apply)
-                pgroup=0 if req.process_group is None and not req.start_new_session
-                else req.process_group,
-                exec_fd=None if is_script else exec_fd,
-                restore_signals=req.restore_signals, **inherited)
+            grant = policy.decide(self.peer, req, real, is_script=is_script)
+            spec = self._spec(req, grant, real if is_script else resolved,
+                              None if is_script else exec_fd)
             helper = privileged.needs_helper(spec, grant)
             if req.warm is not None and not helper:
                 # multiprocessing warm pool (spawnd/pool.py): an idle equivalent process, or a
@@ -779,6 +776,23 @@ class ConnectionHandler:
             return spawner.spawn(spec)
         finally:
             os.close(exec_fd)
+
+    def _spec(self, req: P.Spawn, grant: Grant, executable: bytes,
+              exec_fd: int | None) -> spawner.SpawnSpec:
+        assert self.peer is not None
+        inherited = inherit.spec_fields(self.server.policy, self.peer, self.sock, req, grant)
+        # the daemon pre-raised its NOFILE limit; the child gets the original
+        inherited["rlimits"] = inherit.with_child_nofile(inherited["rlimits"],  # type: ignore[arg-type]
+                                                         self.server.child_nofile)
+        return spawner.SpawnSpec(
+            executable=executable, argv=grant.argv, env=grant.env,
+            fd_map=tuple(zip(req.child_fds, req.fds, strict=True)), cwd=req.cwd,
+            setsid=req.start_new_session, umask=grant.umask,
+            # default: a process group of its own, so `kill 0` in a child cannot reach
+            # the daemon or other clients' children (subprocess's flags still apply)
+            pgroup=0 if req.process_group is None and not req.start_new_session
+            else req.process_group,
+            exec_fd=exec_fd, restore_signals=req.restore_signals, **inherited)
 
     def _child_exited(self, child: Child) -> None:
         assert child.returncode is not None

@@ -208,3 +208,20 @@ def test_popen_namespaces(daemon: Daemon) -> None:
                  client=daemon.client())
     out = p.communicate(timeout=20)[0].decode().strip()
     assert p.returncode == 0 and out.startswith("net:[") and out != own
+
+
+def test_a_script_sees_the_path_it_was_run_by(daemon: Daemon, tmp_path: Path) -> None:
+    """With no rule about executables (the default policies), the daemon runs the path as
+    subprocess does, without opening it first: a #! script reached through a symlink gets
+    the symlink's path as $0 (not the checked real path), and so do its error messages."""
+    script = tmp_path / "real-script"
+    script.write_text('#!/bin/sh\necho "$0"\n')
+    script.chmod(0o755)
+    link = tmp_path / "link"
+    link.symlink_to(script)
+    outs = {name: P([str(link)], stdout=subprocess.PIPE).communicate()[0]
+            for name, P in _both(daemon)}
+    assert outs["spawnd"] == outs["stdlib"] == f"{link}\n".encode()
+    errs = {name: _raised(lambda P=P: P([str(tmp_path)])) for name, P in _both(daemon)}
+    assert type(errs["spawnd"]) is type(errs["stdlib"]) is PermissionError
+    assert errs["spawnd"].filename == errs["stdlib"].filename == str(tmp_path)

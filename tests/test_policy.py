@@ -374,3 +374,20 @@ def test_grant_needs_trampoline() -> None:
     for kw in ({"uid": 1}, {"gid": 1}, {"groups": ()}, {"capabilities": ("CAP_KILL",)},
                {"rlimits": {resource.RLIMIT_CORE: (0, 0)}}, {"no_new_privs": True}):
         assert Grant(executable=LS, argv=(b"ls",), env=(), **kw).needs_trampoline, kw
+
+
+def test_path_agnostic_only_when_no_rule_looks_at_the_executable() -> None:
+    """issue 12: the server skips opening the file only when no decision could differ."""
+    assert Policy.default(0, identity=ROOT, directory=DIR).path_agnostic
+    assert Policy.default(1000, identity=USER, directory=DIR).path_agnostic
+    anything = '[[allow]]\nusers = ["alice"]\nexecutables = ["/"]\n'
+    assert pol(anything).path_agnostic
+    for text in ('[[allow]]\nusers = ["alice"]\nexecutables = ["/usr/bin/"]\n',
+                 anything + "allow_scripts = false\n",
+                 anything + '[[allow]]\nusers = ["bob"]\nexecutables = ["/usr/bin/ls"]\n'):
+        p = pol(text)
+        assert not p.path_agnostic
+        with pytest.raises(ValueError):
+            p.decide(ALICE, req(), None)
+    g = pol(anything).decide(ALICE, req(), None)
+    assert g.executable is None and g.argv == (b"ls",)
