@@ -94,7 +94,7 @@ class ChildTable:
         self._unreapable: dict[int, Child] = {}  # exited, but only a tracer can wait for them
         self._peak = 0  # most children alive at once since the table was last empty
         self._per_uid: dict[int, int] = {}
-        self._changed = trio.Event()
+        self._changed = trio.lowlevel.ParkingLot()  # wait_until's, woken after every reap
         self._epoll = select.epoll()
         self._timers: list[tuple[float, int, int, Child]] = []  # (when, seq, kind, child)
         self._seq = 0
@@ -250,8 +250,8 @@ class ChildTable:
             _give_back_memory()
 
     def _wake_waiters(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        if self._changed:
+            self._changed.unpark_all()
 
     def _abandon_all(self) -> None:
         """The reaper is ending (daemon exit): reap what can be, never block, close the rest."""
@@ -331,7 +331,7 @@ class ChildTable:
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Sleep until ``predicate()`` holds, re-checking after every reap."""
         while not predicate():
-            await self._changed.wait()
+            await self._changed.park()
 
     async def stop_all(self, how: str, grace: float) -> None:
         """Daemon shutdown: end every child (``wait`` lets them run) and wait for all reaps.

@@ -66,10 +66,18 @@ def caller_cwd(req: P.Spawn) -> bytes | None:
     fd = req.cwd_dir_fd
     if fd is None:
         return req.cwd
-    if not stat.S_ISDIR(os.fstat(fd).st_mode):
-        raise spawner.SpawnError(errno.ENOTDIR, spawner.STAGE_CWD, req.cwd or b".")
+    # (Not checked to be a directory here: the child's fchdir fails with ENOTDIR, which
+    # spawner reports as stage "cwd", and so does check_cwd when resolving fails first.)
     base = b"/proc/self/fd/%d" % fd
     return base if req.cwd is None else os.path.join(base, req.cwd)
+
+
+def check_cwd(req: P.Spawn) -> None:
+    """After a failure to find the executable: a caller's cwd fd that is not a directory is
+    the real cause (stage "cwd", as the child's fchdir would have said)."""
+    fd = req.cwd_dir_fd
+    if fd is not None and not stat.S_ISDIR(os.fstat(fd).st_mode):
+        raise spawner.SpawnError(errno.ENOTDIR, spawner.STAGE_CWD, req.cwd or b".")
 
 
 #: Same-uid peers' decided state by (limits items, nice, affinity): pure given the daemon's

@@ -136,7 +136,7 @@ class Server:
         self.pool: WarmPool  # created in run(), like the ChildTable
         self.stats = Stats()  # spawnd status: counters, child start facts
         self._stopping = trio.Event()
-        self._activity = trio.Event()
+        self._activity = trio.lowlevel.ParkingLot()
         # Accept at the fd limit: this fd is given up to accept one connection and tell it
         # why it cannot be served (EMFILE, stage "limit"), instead of leaving it hanging.
         self._spare: int | None = None
@@ -151,9 +151,12 @@ class Server:
         self._stopping.set()
 
     def poke(self) -> None:
-        """Something happened (connection opened/closed, child reaped): idle-exit re-checks."""
-        self._activity.set()
-        self._activity = trio.Event()
+        """Something happened (connection opened/closed, child reaped): idle-exit re-checks.
+
+        A parking lot, not an Event replaced each time: a poke nobody waits for (every
+        spawn's) costs a length check."""
+        if self._activity:
+            self._activity.unpark_all()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as root:
@@ -194,7 +197,7 @@ class Server:
                     conn.close_soon()
                 with trio.move_on_after(FLUSH_TIMEOUT):  # a client that never reads
                     while self.connections:
-                        await self._activity.wait()
+                        await self._activity.park()
                 conns.cancel_scope.cancel()
             root.cancel_scope.cancel()
         if self._spare is not None:
@@ -394,7 +397,7 @@ class Server:
                 said = True
                 log.info("lingering until the keep children have exited (%d children left)",
                          len(self.children))
-            await self._activity.wait()
+            await self._activity.park()
         self.stop()
 
     def _stop_accepting(self) -> None:
@@ -417,14 +420,14 @@ class Server:
         while True:
             if not self.connections and not len(self.children):
                 with trio.move_on_after(seconds):
-                    await self._activity.wait()
+                    await self._activity.park()
                     continue
                 if not self.connections and not len(self.children):
                     log.info("idle for %.0fs: exiting", seconds)
                     self.stop()
                     return
             else:
-                await self._activity.wait()
+                await self._activity.park()
 
 
 class ConnectionHandler:
@@ -751,14 +754,22 @@ class ConnectionHandler:
         path_env = (None if b"/" in name
                     else next((e[5:] for e in req.env if e.startswith(b"PATH=")), None))
         cwd = inherit.caller_cwd(req)  # issue 11: relative names resolve in the caller's cwd
-        resolved = spawner.resolve_executable(name, path_env, cwd)
+        try:
+            resolved = spawner.resolve_executable(name, path_env, cwd)
+        except spawner.SpawnError:
+            inherit.check_cwd(req)
+            raise
         policy = self.server.policy
         if policy.path_agnostic and req.warm is None:
             grant = policy.decide(self.peer, req, None)
             spec = self._spec(req, grant, resolved, None)
             if not privileged.needs_helper(spec, grant):
                 return spawner.spawn(spec)
-        exec_fd, is_script = privileged.open_executable(resolved, cwd)
+        try:
+            exec_fd, is_script = privileged.open_executable(resolved, cwd)
+        except OSError:
+            inherit.check_cwd(req)
+            raise
         try:
             real = privileged.real_path(exec_fd)
             grant = policy.decide(self.peer, req, real, is_script=is_script)

@@ -51,6 +51,11 @@ _SIGSET_SIZE = 256
 
 _DEVNULL = b"/dev/null"
 
+# The daemon's own umask, read once (reading it means setting it): only spawn() below
+# changes it, for the length of one posix_spawn, so a caller's equal umask costs nothing.
+_OWN_UMASK = os.umask(0o022)
+os.umask(_OWN_UMASK)
+
 
 # --- ctypes bindings, resolved once ----------------------------------------------------
 
@@ -205,7 +210,7 @@ def spawn(spec: SpawnSpec) -> int:
     try:
         actions = _file_actions(targets, moved, top, spec.cwd_fd, spec.cwd)
         attr = _attributes(flags, spec.restore_signals, pgroup)
-        if spec.umask is not None:
+        if spec.umask is not None and spec.umask != _OWN_UMASK:
             old_umask = os.umask(spec.umask)  # the child inherits it; single-threaded
         saved_limits = _borrow_rlimits(spec.rlimits)
         saved_affinity = _borrow_affinity(spec.affinity)

@@ -44,15 +44,14 @@ class Stats:
         self.started = time.monotonic()
         self.spawns: dict[int, int] = {}
         self.refusals: dict[int, dict[str, int]] = {}  # uid -> errno name -> count
-        self._facts: dict[int, tuple[object, float, str, bool]] = {}  # pid -> (child, t, argv0, warm)
+        self._facts: dict[int, tuple[object, float, bytes | str, bool]] = {}  # pid -> (child, t, argv0, warm)
 
     def note_spawn(self, table: Any, child: Any, argv0: bytes | str, warm: bool = False) -> None:
         """A child was added to the table for ``child.uid``."""
         self.spawns[child.uid] = self.spawns.get(child.uid, 0) + 1
         if len(self._facts) > 2 * len(table) + 64:  # drop facts of reaped children
             self._facts = {pid: f for pid, f in self._facts.items() if table.get(pid) is f[0]}
-        name = argv0.decode(errors="replace") if isinstance(argv0, bytes) else argv0
-        self._facts[child.pid] = (child, time.monotonic(), name, warm)
+        self._facts[child.pid] = (child, time.monotonic(), argv0, warm)  # decoded when shown
 
     def note_error(self, uid: int, errno: int) -> None:
         """A request from ``uid`` was answered with an error."""
@@ -64,7 +63,8 @@ class Stats:
         f = self._facts.get(child.pid)
         if f is None or f[0] is not child:
             return None, None, False
-        return time.monotonic() - f[1], f[2], f[3]
+        name = f[2].decode(errors="replace") if isinstance(f[2], bytes) else f[2]
+        return time.monotonic() - f[1], name, f[3]
 
 
 def _pools(server: Any, uid: int | None) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ must never get more through a root daemon than the kernel gave it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -278,3 +279,24 @@ def test_foreign_client_keeps_its_limits_through_a_root_daemon(
         # resource.setrlimit raises ValueError for both). Either way: refused, synchronously.
         assert explicit["stage"] == "rlimits", json.dumps(explicit)
         assert explicit["name"] in ("EPERM", "EINVAL"), json.dumps(explicit)
+
+
+@pytest.mark.parametrize("argv", [[b"/bin/true"], [b"true"], [b"./true"]])
+def test_a_cwd_fd_that_is_not_a_directory_is_stage_cwd(daemon: Daemon, tmp_path: Path,
+                                                       argv: list[bytes]) -> None:
+    """A forged request whose cwd fd is a file: ENOTDIR at stage "cwd", whether the spawn
+    (the child's fchdir) or the executable's lookup relative to it finds out first."""
+    from faultlib import Raw, spawn_msg
+
+    f = tmp_path / "file"
+    f.write_text("")
+    fd = os.open(f, os.O_PATH)
+    r = Raw(daemon.path)
+    try:
+        path = [b"PATH=" + os.fsencode(tmp_path) + b":."]  # relative entry: looked up in cwd
+        r.send_obj(spawn_msg(1, argv, env=path, cwd_fd=True), [fd])
+        err = r.expect(P.Error, 1)
+        assert (err.errno, err.stage) == (errno.ENOTDIR, "cwd"), err
+    finally:
+        os.close(fd)
+        r.close()
