@@ -207,8 +207,10 @@ class ChildTable:
             self._add_timer(trio.current_time() + child.recheck, _TIMER_RECHECK, child)
             return False
         child.returncode = returncode_of(info)
-        self._forget(child)
+        # The exit goes out first (its owner's client is waiting for it); the bookkeeping
+        # after. Nothing else runs in between: the table is consistent by the next await.
         self._deliver(child)
+        self._forget(child)
         return True
 
     def _deliver(self, child: Child) -> None:
