@@ -12,8 +12,6 @@ from __future__ import annotations
 import errno as _errno
 import os
 import time
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 #: Children listed in one report (the reply must fit one frame's string limit); the
@@ -23,6 +21,9 @@ MAX_LISTED = 2000
 
 def version() -> str:
     """The installed distribution's version; in a bare checkout, pyproject.toml's."""
+    from importlib import metadata  # here: ~6 ms and ~1 MiB the daemon never needs otherwise
+    from pathlib import Path
+
     try:
         return metadata.version("spawnd")
     except metadata.PackageNotFoundError:
