@@ -142,8 +142,19 @@ def test_serve_as_user_without_xdg_runtime_dir(accounts: secutil.Accounts) -> No
 def test_version() -> None:
     r = spawnd("--version")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == f"spawnd {cli._version().split()[-1]}"
+    from spawnd.status import version
+
+    assert r.stdout.strip() == f"spawnd {version()}"
     assert r.stdout.strip().split()[-1][0].isdigit()
+
+
+def test_the_daemon_does_not_import_importlib_metadata() -> None:
+    """Idle RSS (issue 12): the version is looked up only when asked for."""
+    code = ("import sys; from spawnd import cli, server; cli.build_parser(); "
+            "print('importlib.metadata' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.stdout.strip() == "False", r
 
 
 def _parsers() -> list:
