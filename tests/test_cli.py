@@ -18,6 +18,7 @@ import secutil
 from conftest import REPO, Daemon, start_daemon, wait_until
 
 from spawnd import cli
+from spawnd.status import version
 
 # The console script pip installed beside this interpreter; else the module (same main()).
 _SCRIPT = Path(sys.executable).parent / "spawnd"
@@ -142,8 +143,6 @@ def test_serve_as_user_without_xdg_runtime_dir(accounts: secutil.Accounts) -> No
 def test_version() -> None:
     r = spawnd("--version")
     assert r.returncode == 0, r.stderr
-    from spawnd.status import version
-
     assert r.stdout.strip() == f"spawnd {version()}"
     assert r.stdout.strip().split()[-1][0].isdigit()
 
@@ -253,7 +252,7 @@ def test_status_as_root(tmp_path: Path) -> None:
             pass
         r = status(d)
         assert r["pid"] == d.pid
-        assert r["version"] == cli._version().split()[-1]
+        assert r["version"] == version()
         assert r["uptime"] > 0 and "exec_helper" in r
         assert r["connections"] == 1  # our client; not the status request's own
         mine = [cl for cl in r["clients"] if not cl["this"]]
