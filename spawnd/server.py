@@ -68,6 +68,11 @@ def peer_of(sock: socket.socket) -> Peer:
 
 
 def _close_all(fds: tuple[int, ...] | list[int]) -> None:
+    # A request's fds arrive in one message and usually get consecutive numbers: then one
+    # close_range(2) does what a close(2) per fd would.
+    if len(fds) > 1 and max(fds) - min(fds) == len(fds) - 1 and len(set(fds)) == len(fds):
+        os.closerange(min(fds), max(fds) + 1)
+        return
     for fd in fds:
         try:
             os.close(fd)
