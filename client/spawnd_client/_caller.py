@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import resource
 import threading
-from dataclasses import dataclass
 
 from ._transport import off_stdio
 
@@ -46,15 +45,30 @@ _getrlimit = resource.getrlimit
 _O_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-@dataclass(slots=True)
 class CallerState:
     """What a forked child would inherit. ``cwd_fd`` is ours to close (:meth:`close`)."""
 
-    cwd_fd: int | None
-    umask: int | None
-    limits: dict[str, tuple[int, int]]
-    nice: int | None
-    affinity: tuple[int, ...] | None
+    __slots__ = ("cwd_fd", "umask", "rlimit_values", "nice", "affinity")
+
+    def __init__(self, cwd_fd: int | None, umask: int | None,
+                 rlimit_values: tuple[tuple[int, int], ...], nice: int | None,
+                 affinity: tuple[int, ...] | None) -> None:
+        self.cwd_fd = cwd_fd
+        self.umask = umask
+        #: (soft, hard) per :data:`RLIMIT_NAMES` entry, -1 = unlimited: a tuple, so a request
+        #: cache compares it in C (the ``limits`` dict is built only for a new request)
+        self.rlimit_values = rlimit_values
+        self.nice = nice
+        self.affinity = affinity
+
+    @property
+    def limits(self) -> dict[str, tuple[int, int]]:
+        return dict(zip(_NAMES, self.rlimit_values, strict=True))
+
+    def key(self) -> tuple[object, ...]:
+        """Everything a request takes from this state, for comparing two requests."""
+        return (self.rlimit_values, self.nice, self.affinity, self.umask,
+                self.cwd_fd is not None)
 
     def close(self) -> None:
         fd, self.cwd_fd = self.cwd_fd, None
@@ -117,12 +131,10 @@ def caller_state(*, cwd: bool = True) -> CallerState:
     request carrying it has been sent. ``cwd=False`` skips the directory fd.
     """
     if _INF == -1:  # Python's RLIM_INFINITY on Linux: getrlimit's tuples are the wire form
-        limits = dict(zip(_NAMES, map(_getrlimit, _NUMBERS), strict=True))
+        values = tuple(map(_getrlimit, _NUMBERS))
     else:
-        limits = {}
-        for name, num in RLIMIT_NAMES:
-            soft, hard = _getrlimit(num)
-            limits[name] = (-1 if soft == _INF else soft, -1 if hard == _INF else hard)
+        values = tuple((-1 if soft == _INF else soft, -1 if hard == _INF else hard)
+                       for soft, hard in map(_getrlimit, _NUMBERS))
     try:
         nice: int | None = os.getpriority(os.PRIO_PROCESS, 0)
     except OSError:
@@ -136,4 +148,4 @@ def caller_state(*, cwd: bool = True) -> CallerState:
     except OSError:
         umask = None
     fd = off_stdio(os.open(".", _O_DIR)) if cwd else None  # see off_stdio
-    return CallerState(cwd_fd=fd, umask=umask, limits=limits, nice=nice, affinity=affinity)
+    return CallerState(fd, umask, values, nice, affinity)

@@ -30,7 +30,10 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
+
+from msgpack import packb as _packb
 
 from spawnd import fdpass
 from spawnd import protocol as P
@@ -108,6 +111,67 @@ def feed(proto: P.Connection, data: bytes, anc: Any, route: Callable[[P.Event], 
     if not data:
         return DaemonConnectionError("spawnd closed the connection")
     return None
+
+
+_SPAWN_HEAD = b"\xa1t\xa5spawn\xa2id"  # "t": "spawn", "id": -- first, in this order
+
+
+class SpawnFrame:
+    """A Spawn request already encoded: what :func:`~spawnd_client.client.spawn_request`
+    returns, so that a request equal to the previous one but for its id reuses its bytes.
+
+    The frame is exactly what ``Connection.send`` makes of the Spawn (``t``, then ``id``,
+    then the rest, msgpack's own encoding); only the id and the length header differ.
+    Reading a field (``req.argv``) or :attr:`spawn` gives the :class:`~spawnd.protocol.Spawn`
+    itself, built only then.
+    """
+
+    __slots__ = ("id", "frame", "_head", "_rest", "_base", "_spawn")
+
+    def __init__(self, rid: int, head: bytes, rest: bytes, base: P.Spawn) -> None:
+        rid_bytes = _packb(rid)
+        self.id = rid
+        self._head = head  # map header + _SPAWN_HEAD
+        self._rest = rest  # every field after the id
+        self._base = base  # the Spawn these bytes encode, but maybe with another id
+        self._spawn: P.Spawn | None = base if base.id == rid else None
+        self.frame = (P.HEADER.pack(len(head) + len(rid_bytes) + len(rest)) + head
+                      + rid_bytes + rest)
+
+    @classmethod
+    def encode(cls, req: P.Spawn) -> SpawnFrame:
+        body = _packb(req.to_wire(), use_bin_type=True)  # what Connection.send packs
+        h = 1 if body[0] & 0xF0 == 0x80 else 3  # fixmap, or map16 (+2 bytes)
+        rid_bytes = _packb(req.id)
+        end = h + len(_SPAWN_HEAD)
+        if body[h:end] != _SPAWN_HEAD or body[end:end + len(rid_bytes)] != rid_bytes:
+            raise AssertionError("Spawn.to_wire no longer starts with t, id")
+        return cls(req.id, body[:end], body[end + len(rid_bytes):], req)
+
+    def with_id(self, rid: int) -> SpawnFrame:
+        return SpawnFrame(rid, self._head, self._rest, self._base)
+
+    @property
+    def spawn(self) -> P.Spawn:
+        """The request as an event (for reading it; the frame is what is sent)."""
+        if self._spawn is None:
+            self._spawn = replace(self._base, id=self.id)
+        return self._spawn
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.spawn.to_wire()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # an unset slot (copy, pickle): never recurse via .spawn
+            raise AttributeError(name)
+        return getattr(self.spawn, name)
+
+
+def frame_of(event: P.Event | SpawnFrame, proto: P.Connection) -> bytes:
+    """The bytes to send for ``event`` (a pre-encoded Spawn, or any event)."""
+    if type(event) is SpawnFrame:
+        return event.frame
+    return proto.send(event)  # type: ignore[arg-type]
 
 
 class _Waiter:
@@ -224,7 +288,7 @@ class Transport:
             except (OSError, _MidFrame):
                 pass  # fire-and-forget; a dead connection shows at the next read
 
-    def request(self, event: P.Event, fds: list[int] | None = None, *,
+    def request(self, event: P.Event | SpawnFrame, fds: list[int] | None = None, *,
                 on_spawned: Callable[[P.Spawned], Any] | None = None,
                 timeout: float | None = None, reply: bool = True) -> Any:
         """Send ``event`` and block until its reply; raise the reply's error as an exception.
@@ -237,7 +301,7 @@ class Transport:
         of the request left (the caller may resend it on a new connection).
         """
         rid: int = event.id  # type: ignore[attr-defined]
-        data = self.proto.send(event)
+        data = frame_of(event, self.proto)
         check_frame_size(data)  # the daemon would drop the whole connection for it
         if self.reentrant():
             if reply:
