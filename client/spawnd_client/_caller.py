@@ -42,6 +42,8 @@ _INF = resource.RLIM_INFINITY
 _NAMES = tuple(name for name, _ in RLIMIT_NAMES)
 _NUMBERS = tuple(num for _, num in RLIMIT_NAMES)
 _getrlimit = resource.getrlimit
+_getpid = os.getpid
+_pread = os.pread
 _O_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 
 
@@ -96,7 +98,7 @@ class _StatusFile:
         self.lock = threading.Lock()
 
     def umask(self) -> int | None:
-        pid = os.getpid()
+        pid = _getpid()
         if self.pid != pid:  # first use, or a forked child holding the parent's file
             with self.lock:
                 if self.pid != pid:
@@ -108,10 +110,15 @@ class _StatusFile:
                     self.fd = off_stdio(os.open(f"/proc/{pid}/status",
                                                 os.O_RDONLY | os.O_CLOEXEC))
                     self.pid = pid
-        data = os.pread(self.fd, 4096, 0)
+        # The kernel renders the whole file per read anyway; "Umask:" is its second line,
+        # after "Name:" (at most 64 bytes escaped): the first 256 bytes hold it.
+        data = _pread(self.fd, 256, 0)
         i = data.find(b"\nUmask:")
-        if i < 0:  # Linux < 4.7: leave the umask to the daemon (and the explicit umask=)
-            return None
+        if i < 0 or data.find(b"\n", i + 7) < 0:
+            data = _pread(self.fd, 4096, 0)
+            i = data.find(b"\nUmask:")
+            if i < 0:  # Linux < 4.7: leave the umask to the daemon (and the explicit umask=)
+                return None
         return int(data[i + 7:data.index(b"\n", i + 7)], 8)
 
     def after_fork(self) -> None:

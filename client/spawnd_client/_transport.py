@@ -310,7 +310,8 @@ class Transport:
             return
         with lock:
             self._send_locked(data, anc)
-            self._flush_deferred()
+            if self._deferred:
+                self._flush_deferred()
         if self._deferred:  # queued by a handler between our flush and the release
             with lock:
                 self._flush_deferred()
@@ -420,7 +421,8 @@ class Transport:
                             self._read_once(remaining)
                         finally:
                             self._reader = None
-                            self._wake(lambda d: d())
+                            if self._followers:  # (alone: no closure, no call)
+                                self._wake(lambda d: d())
                     elif remaining == 0:
                         return done()
                     else:
@@ -434,8 +436,8 @@ class Transport:
             finally:
                 if me is not None:
                     del self._followers[me]
-                if self._reader is None:  # leaving: someone still waiting must read next
-                    self._wake(lambda d: not d(), first_only=True)
+                if self._reader is None and self._followers:  # leaving: someone still
+                    self._wake(lambda d: not d(), first_only=True)  # waiting must read next
 
     def _wake(self, which: Callable[[Callable[[], bool]], bool], first_only: bool = False) -> None:
         """Notify followers whose predicate satisfies ``which`` (lock held)."""
