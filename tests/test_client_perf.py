@@ -368,3 +368,33 @@ def test_forked_child_reads_its_own_limits(daemon: Daemon) -> None:
     assert got == f"{soft - 11}\n".encode()
     assert _out(c, ["sh", "-c", "ulimit -n"]) == f"{soft}\n".encode()
     c.close()
+
+
+def test_a_layout_without_t_then_id_is_never_patched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should Spawn.to_wire ever put other keys first, frames are encoded afresh."""
+    orig = P.Spawn.to_wire
+
+    def shuffled(self: P.Spawn) -> dict[str, Any]:
+        d = orig(self)
+        return {"argv": d.pop("argv"), **d}
+
+    monkeypatch.setattr(P.Spawn, "to_wire", shuffled)
+    C._last_request = None
+    a = _request()
+    assert not a.patchable and C._last_request is None
+    b = a.with_id(300)
+    assert b.frame == P.HEADER.pack(len(b.frame) - 4) + msgpack.packb(
+        shuffled(replace(a.spawn, id=300)), use_bin_type=True)
+    assert b.id == 300 and b.spawn.id == 300
+
+
+def test_environ_snapshot_is_what_was_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cached environment is the one encoded, not the live dict."""
+    monkeypatch.setenv("CPERF_S", "1")
+    C._last_request = None
+    a = _request()
+    assert C._last_request is not None
+    assert C._last_request[1] is not os.environ._data  # type: ignore[attr-defined]
+    assert b"CPERF_S=1" in a.spawn.env
+    os.environ["CPERF_S"] = "2"
+    assert b"CPERF_S=2" in _request().spawn.env

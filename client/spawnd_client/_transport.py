@@ -172,7 +172,7 @@ class SpawnFrame:
     __slots__ = ("id", "frame", "_head", "_rest", "_base", "_spawn")
 
     def __init__(self, rid: int, head: bytes, rest: bytes, base: P.Spawn) -> None:
-        rid_bytes = _packb(rid)
+        rid_bytes = _packb(rid) if head else b""  # no head: rest is the whole body
         self.id = rid
         self._head = head  # map header + _SPAWN_HEAD
         self._rest = rest  # every field after the id
@@ -184,14 +184,22 @@ class SpawnFrame:
     @classmethod
     def encode(cls, req: P.Spawn) -> SpawnFrame:
         body = _packb(req.to_wire(), use_bin_type=True)  # what Connection.send packs
-        h = 1 if body[0] & 0xF0 == 0x80 else 3  # fixmap, or map16 (+2 bytes)
+        h = 1 if 0x80 <= body[0] <= 0x8F else 3 if body[0] == 0xDE else 0  # fixmap, map16
         rid_bytes = _packb(req.id)
         end = h + len(_SPAWN_HEAD)
-        if body[h:end] != _SPAWN_HEAD or body[end:end + len(rid_bytes)] != rid_bytes:
-            raise AssertionError("Spawn.to_wire no longer starts with t, id")
-        return cls(req.id, body[:end], body[end + len(rid_bytes):], req)
+        if h and body[h:end] == _SPAWN_HEAD and body[end:end + len(rid_bytes)] == rid_bytes:
+            return cls(req.id, body[:end], body[end + len(rid_bytes):], req)
+        # Another layout (not t, then id): sent as encoded, re-encoded for another id.
+        return cls(req.id, b"", body, req)
+
+    @property
+    def patchable(self) -> bool:
+        """Whether :meth:`with_id` reuses these bytes (else it encodes afresh)."""
+        return bool(self._head)
 
     def with_id(self, rid: int) -> SpawnFrame:
+        if not self._head:
+            return SpawnFrame.encode(replace(self._base, id=rid))
         return SpawnFrame(rid, self._head, self._rest, self._base)
 
     @property

@@ -75,10 +75,18 @@ def spawn_request(rid: int, argv: Sequence[StrOrBytes], *, env: Mapping[Any, Any
     last = _last_request
     if last is not None and key == last[0] and env_key == last[1]:
         return last[2].with_id(rid), send  # validated when it was built: the same content
+    if env_list is None:
+        if type(env_key) is dict:
+            # One snapshot (a C-level copy, atomic for other threads) is both what this
+            # request sends and what the next one is compared with.
+            env_key = dict(env_key)
+            env_list = [k + b"=" + v for k, v in env_key.items()]
+        else:
+            env_list = encode_env(env)
     if caller is not None:  # inherit the caller's state (issue 11): see _caller.py
         flags = _with_caller(flags, caller)
     req = P.Spawn(
-        id=rid, argv=argv_b, env=tuple(encode_env(env) if env_list is None else env_list),
+        id=rid, argv=argv_b, env=tuple(env_list),
         executable=None if executable is None else _b(executable),
         fds=tuple(k for k, _ in items), cwd=None if cwd is None else _b(cwd),
         extra_groups=None if extra_groups is None else tuple(extra_groups),
@@ -93,9 +101,8 @@ def spawn_request(rid: int, argv: Sequence[StrOrBytes], *, env: Mapping[Any, Any
         if path is not None and len(path) > P.MAX_STR:
             raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), path)
     frame = SpawnFrame.encode(req)
-    if env_key is not None and _cacheable(key):
-        # A copy: os.environ._data is the live dict, compared against next time.
-        _last_request = (key, dict(env_key) if type(env_key) is dict else env_key, frame)
+    if env_key is not None and frame.patchable and _cacheable(key):
+        _last_request = (key, env_key, frame)
     return frame, send
 
 
