@@ -51,6 +51,7 @@ FD_SPACE = socket.CMSG_SPACE(8 * 4)  # the daemon sends at most one pidfd per me
 CLOSE_READ_TIMEOUT = 2.0  # after EPIPE, how long the daemon's last words may take to read
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _U32 = struct.Struct(">I").unpack_from
+_MAX_WIRE = P.HEADER.size + P.MAX_FRAME  # see check_frame_size
 #: sendmsg errors that mean the connection is gone (nothing of this message was sent).
 _DEAD = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNREFUSED)
 
@@ -139,7 +140,7 @@ def feed(proto: P.Connection, data: bytes, anc: Any, route: Callable[[P.Event], 
     """Hand one ``recvmsg`` (bytes and fds) to the protocol and route every whole event.
     Returns what the connection must fail with (a protocol error, or EOF), else None.
     Shared by the blocking transport and the async connection."""
-    fds = [off_stdio(fd) for fd in fdpass.received_fds(anc)] if anc else []
+    fds = [fd if fd > 2 else off_stdio(fd) for fd in fdpass.received_fds(anc)] if anc else []
     if proto.their_hello is not None and not proto.in_frame and not proto.eof:
         ev = fast_reply(data, fds)
         if ev is not None:
@@ -353,8 +354,9 @@ class Transport:
         of the request left (the caller may resend it on a new connection).
         """
         rid: int = event.id  # type: ignore[attr-defined]
-        data = frame_of(event, self.proto)
-        check_frame_size(data)  # the daemon would drop the whole connection for it
+        data = event.frame if type(event) is SpawnFrame else self.proto.send(event)  # type: ignore[union-attr, arg-type]
+        if len(data) > _MAX_WIRE:
+            check_frame_size(data)  # the daemon would drop the whole connection for it
         if self.reentrant():
             if reply:
                 raise RuntimeError("a spawnd request that needs its reply cannot be made from "
