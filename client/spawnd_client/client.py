@@ -7,6 +7,7 @@ import os
 import signal as _signal
 import threading
 import weakref
+from _thread import RLock as _RLock  # threading.RLock's own, without its wrapper
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -197,7 +198,7 @@ class Child:
         # Guards pidfd against close() in another thread (a reused fd number would signal
         # some other process); re-entrant so a signal handler interrupting close() in this
         # thread sees either the open fd or None.
-        self._fd_lock = threading.RLock()
+        self._fd_lock = _RLock()
 
     def _on_exit(self, ev: P.Exit | BaseException) -> None:
         """Runs in whichever thread routes the event, with the transport's lock held."""
