@@ -10,8 +10,10 @@ spawn is 0.1 ms):
 - the umask from ``/proc/self/status`` (``Umask:``): ``os.umask`` can only read it by changing
   it, for every thread, while it is read. The file is kept open and re-read with ``pread``;
   it is reopened in a forked child (an fd opened before a fork still shows the parent);
-- every ``RLIMIT_*`` (``resource.getrlimit``), the calling thread's nice value and CPU
-  affinity (both per thread on Linux, as a fork from this thread would copy them).
+- every ``RLIMIT_*`` from ``/proc/<pid>/limits``, kept open the same way: one read instead of
+  16 ``getrlimit`` calls (see :class:`_LimitsFile`);
+- the calling thread's nice value and CPU affinity (both per thread on Linux, as a fork
+  from this thread would copy them).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import os
 import resource
 import threading
-from dataclasses import dataclass
 
 from ._transport import off_stdio
 
@@ -43,18 +44,35 @@ _INF = resource.RLIM_INFINITY
 _NAMES = tuple(name for name, _ in RLIMIT_NAMES)
 _NUMBERS = tuple(num for _, num in RLIMIT_NAMES)
 _getrlimit = resource.getrlimit
+_getpid = os.getpid
+_pread = os.pread
 _O_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-@dataclass(slots=True)
 class CallerState:
     """What a forked child would inherit. ``cwd_fd`` is ours to close (:meth:`close`)."""
 
-    cwd_fd: int | None
-    umask: int | None
-    limits: dict[str, tuple[int, int]]
-    nice: int | None
-    affinity: tuple[int, ...] | None
+    __slots__ = ("cwd_fd", "umask", "rlimit_values", "nice", "affinity")
+
+    def __init__(self, cwd_fd: int | None, umask: int | None,
+                 rlimit_values: tuple[tuple[int, int], ...], nice: int | None,
+                 affinity: tuple[int, ...] | None) -> None:
+        self.cwd_fd = cwd_fd
+        self.umask = umask
+        #: (soft, hard) per :data:`RLIMIT_NAMES` entry, -1 = unlimited: a tuple, so a request
+        #: cache compares it in C (the ``limits`` dict is built only for a new request)
+        self.rlimit_values = rlimit_values
+        self.nice = nice
+        self.affinity = affinity
+
+    @property
+    def limits(self) -> dict[str, tuple[int, int]]:
+        return dict(zip(_NAMES, self.rlimit_values, strict=True))
+
+    def key(self) -> tuple[object, ...]:
+        """Everything a request takes from this state, for comparing two requests."""
+        return (self.rlimit_values, self.nice, self.affinity, self.umask,
+                self.cwd_fd is not None)
 
     def close(self) -> None:
         fd, self.cwd_fd = self.cwd_fd, None
@@ -73,16 +91,16 @@ class CallerState:
                 "affinity": self.affinity}
 
 
-class _StatusFile:
-    """``/proc/self/status``, opened once per process and re-read with ``pread``."""
+class _ProcFile:
+    """``/proc/<our pid>/<name>``, opened once per process and re-read with ``pread``."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
+        self.name = name
         self.fd = -1
         self.pid = -1
         self.lock = threading.Lock()
 
-    def umask(self) -> int | None:
-        pid = os.getpid()
+    def read(self, pid: int, size: int) -> bytes:
         if self.pid != pid:  # first use, or a forked child holding the parent's file
             with self.lock:
                 if self.pid != pid:
@@ -91,23 +109,113 @@ class _StatusFile:
                             os.close(self.fd)
                         except OSError:
                             pass
-                    self.fd = off_stdio(os.open(f"/proc/{pid}/status",
+                    self.fd = off_stdio(os.open(f"/proc/{pid}/{self.name}",
                                                 os.O_RDONLY | os.O_CLOEXEC))
                     self.pid = pid
-        data = os.pread(self.fd, 4096, 0)
-        i = data.find(b"\nUmask:")
-        if i < 0:  # Linux < 4.7: leave the umask to the daemon (and the explicit umask=)
-            return None
-        return int(data[i + 7:data.index(b"\n", i + 7)], 8)
+        return _pread(self.fd, size, 0)
 
     def after_fork(self) -> None:
-        # The child's copy of the fd still reads the parent's status: forget it (closed on
+        # The child's copy of the fd still reads the parent's file: forget it (closed on
         # the next use, whose pid check reopens; a lock held at fork is replaced, not used).
         self.lock = threading.Lock()
 
 
+class _StatusFile(_ProcFile):
+    def __init__(self) -> None:
+        super().__init__("status")
+
+    def umask(self, pid: int | None = None) -> int | None:
+        # The kernel renders the whole file per read anyway; "Umask:" is its second line,
+        # after "Name:" (at most 64 bytes escaped): the first 256 bytes hold it.
+        pid = _getpid() if pid is None else pid
+        data = self.read(pid, 256)
+        i = data.find(b"\nUmask:")
+        if i < 0 or data.find(b"\n", i + 7) < 0:
+            data = self.read(pid, 4096)
+            i = data.find(b"\nUmask:")
+            if i < 0:  # Linux < 4.7: leave the umask to the daemon (and the explicit umask=)
+                return None
+        return int(data[i + 7:data.index(b"\n", i + 7)], 8)
+
+
+class _LimitsFile(_ProcFile):
+    """Every limit in one read of ``/proc/<pid>/limits`` instead of 16 ``getrlimit``.
+
+    The kernel copies all limits under one lock and prints them in ``RLIMIT_*`` order,
+    soft and hard in fixed columns; the text is parsed only when it differs from the last
+    read. The parse is checked once against ``getrlimit``; on any doubt (another layout,
+    no procfs) every read is ``getrlimit`` again.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("limits")
+        self.usable: bool | None = None  # None: not yet checked against getrlimit
+        self.checks_left = 3
+        self.last: tuple[bytes, tuple[tuple[int, int], ...]] | None = None
+
+    def values(self, pid: int) -> tuple[tuple[int, int], ...]:
+        if self.usable is not False:
+            try:
+                data = self.read(pid, 4096)
+            except OSError:
+                data = b""
+            last = self.last
+            if last is not None and last[0] == data:
+                return last[1]
+            parsed = _parse_limits(data)
+            if parsed is None:
+                self.usable = False
+            elif self.usable:
+                self.last = (data, parsed)
+                return parsed
+            else:  # the first parse in this process: does it say what getrlimit says?
+                values = _getrlimits()
+                if parsed == values:
+                    self.usable = True
+                    self.last = (data, parsed)
+                else:  # another layout, or a limit changed between the two reads
+                    self.checks_left -= 1
+                    if self.checks_left <= 0:
+                        self.usable = False
+                return values
+        return _getrlimits()
+
+
+def _parse_limits(data: bytes) -> tuple[tuple[int, int], ...] | None:
+    """``%-25s %-20s %-20s``: name, soft, hard ("unlimited" or decimal), one per line."""
+    lines = data.split(b"\n")
+    if len(lines) < len(_NUMBERS) + 1 or not lines[0].startswith(b"Limit "):
+        return None
+    out = []
+    try:
+        for line, name in zip(lines[1:len(_NUMBERS) + 1], _PROC_NAMES, strict=True):
+            if not line.startswith(name):
+                return None
+            soft, hard = line[26:46].strip(), line[47:67].strip()
+            out.append((-1 if soft == b"unlimited" else int(soft),
+                        -1 if hard == b"unlimited" else int(hard)))
+    except ValueError:
+        return None
+    return tuple(out)
+
+
+def _getrlimits() -> tuple[tuple[int, int], ...]:
+    if _INF == -1:  # Python's RLIM_INFINITY on Linux: getrlimit's tuples are the wire form
+        return tuple(map(_getrlimit, _NUMBERS))
+    return tuple((-1 if soft == _INF else soft, -1 if hard == _INF else hard)
+                 for soft, hard in map(_getrlimit, _NUMBERS))
+
+
+#: The kernel's names of the limits in /proc/<pid>/limits, in RLIMIT_NAMES order.
+_PROC_NAMES = (b"Max cpu time ", b"Max file size ", b"Max data size ", b"Max stack size ",
+               b"Max core file size ", b"Max resident set ", b"Max processes ",
+               b"Max open files ", b"Max locked memory ", b"Max address space ",
+               b"Max file locks ", b"Max pending signals ", b"Max msgqueue size ",
+               b"Max nice priority ", b"Max realtime priority ", b"Max realtime timeout ")
 _status = _StatusFile()
+_limits = _LimitsFile()
 os.register_at_fork(after_in_child=_status.after_fork)
+os.register_at_fork(after_in_child=_limits.after_fork)
 
 
 def caller_state(*, cwd: bool = True) -> CallerState:
@@ -116,13 +224,8 @@ def caller_state(*, cwd: bool = True) -> CallerState:
     The caller owns the returned cwd fd: close it (``with caller_state() as s:``) once the
     request carrying it has been sent. ``cwd=False`` skips the directory fd.
     """
-    if _INF == -1:  # Python's RLIM_INFINITY on Linux: getrlimit's tuples are the wire form
-        limits = dict(zip(_NAMES, map(_getrlimit, _NUMBERS), strict=True))
-    else:
-        limits = {}
-        for name, num in RLIMIT_NAMES:
-            soft, hard = _getrlimit(num)
-            limits[name] = (-1 if soft == _INF else soft, -1 if hard == _INF else hard)
+    pid = _getpid()
+    values = _limits.values(pid)
     try:
         nice: int | None = os.getpriority(os.PRIO_PROCESS, 0)
     except OSError:
@@ -132,8 +235,8 @@ def caller_state(*, cwd: bool = True) -> CallerState:
     except OSError:
         affinity = None
     try:
-        umask = _status.umask()
+        umask = _status.umask(pid)
     except OSError:
         umask = None
     fd = off_stdio(os.open(".", _O_DIR)) if cwd else None  # see off_stdio
-    return CallerState(cwd_fd=fd, umask=umask, limits=limits, nice=nice, affinity=affinity)
+    return CallerState(fd, umask, values, nice, affinity)

@@ -30,7 +30,11 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
+
+from msgpack import packb as _packb
+from msgpack import unpackb as _unpackb
 
 from spawnd import fdpass
 from spawnd import protocol as P
@@ -46,6 +50,8 @@ RECV_SIZE = 256 * 1024
 FD_SPACE = socket.CMSG_SPACE(8 * 4)  # the daemon sends at most one pidfd per message
 CLOSE_READ_TIMEOUT = 2.0  # after EPIPE, how long the daemon's last words may take to read
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_U32 = struct.Struct(">I").unpack_from
+_MAX_WIRE = P.HEADER.size + P.MAX_FRAME  # see check_frame_size
 #: sendmsg errors that mean the connection is gone (nothing of this message was sent).
 _DEAD = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNREFUSED)
 
@@ -93,12 +99,53 @@ def check_frame_size(data: bytes) -> None:
                       f"{P.MAX_FRAME} bytes per message")
 
 
+_SPAWNED_KEYS = ("t", "id", "pid", "pidfd")
+_EXIT_KEYS = ("t", "id", "pid", "returncode")
+
+
+def fast_reply(data: bytes, fds: list[int]) -> P.Event | None:
+    """The two replies of every spawn, decoded without the general parser; None: not one.
+
+    Only a read that is exactly one whole frame holding a ``spawned`` or ``exit`` map in
+    the daemon's own layout (those keys, that order, exact types, no nesting) is taken;
+    anything else, odd or wrong, goes to :class:`~spawnd.protocol.Connection`, which
+    decodes and refuses it as always. Call it only between frames (``not in_frame``):
+    the protocol object then holds no bytes and no fds that this read could belong to.
+    """
+    if not 16 <= len(data) <= 64 or data[4:7] != b"\x84\xa1t":  # fixmap of 4, "t" first
+        return None
+    if _U32(data)[0] != len(data) - 4:
+        return None
+    try:
+        m = _unpackb(memoryview(data)[4:], raw=False, strict_map_key=True, max_str_len=16,
+                     max_bin_len=0, max_array_len=0, max_map_len=4, max_ext_len=0)
+    except Exception:  # noqa: BLE001 - not ours to judge: the general path says why
+        return None
+    keys = tuple(m) if type(m) is dict else ()
+    if keys == _SPAWNED_KEYS:
+        rid, pid, pidfd = m["id"], m["pid"], m["pidfd"]
+        if (m["t"] == "spawned" and type(rid) is int and 0 <= rid < 2**63
+                and type(pid) is int and type(pidfd) is bool):
+            return P.Spawned(id=rid, pid=pid, pidfd=pidfd, fds_received=tuple(fds))
+    elif keys == _EXIT_KEYS and not fds:
+        rid, pid, rc = m["id"], m["pid"], m["returncode"]
+        if (m["t"] == "exit" and type(rid) is int and 0 <= rid < 2**63
+                and type(pid) is int and type(rc) is int):
+            return P.Exit(id=rid, pid=pid, returncode=rc)
+    return None
+
+
 def feed(proto: P.Connection, data: bytes, anc: Any, route: Callable[[P.Event], Any]
          ) -> BaseException | None:
     """Hand one ``recvmsg`` (bytes and fds) to the protocol and route every whole event.
     Returns what the connection must fail with (a protocol error, or EOF), else None.
     Shared by the blocking transport and the async connection."""
-    fds = [off_stdio(fd) for fd in fdpass.received_fds(anc)] if anc else []
+    fds = [fd if fd > 2 else off_stdio(fd) for fd in fdpass.received_fds(anc)] if anc else []
+    if proto.their_hello is not None and not proto.in_frame and not proto.eof:
+        ev = fast_reply(data, fds)
+        if ev is not None:
+            route(ev)
+            return None
     try:
         proto.receive_data(data, fds)
         while (ev := proto.next_event()) is not None:
@@ -108,6 +155,75 @@ def feed(proto: P.Connection, data: bytes, anc: Any, route: Callable[[P.Event], 
     if not data:
         return DaemonConnectionError("spawnd closed the connection")
     return None
+
+
+_SPAWN_HEAD = b"\xa1t\xa5spawn\xa2id"  # "t": "spawn", "id": -- first, in this order
+
+
+class SpawnFrame:
+    """A Spawn request already encoded: what :func:`~spawnd_client.client.spawn_request`
+    returns, so that a request equal to the previous one but for its id reuses its bytes.
+
+    The frame is exactly what ``Connection.send`` makes of the Spawn (``t``, then ``id``,
+    then the rest, msgpack's own encoding); only the id and the length header differ.
+    Reading a field (``req.argv``) or :attr:`spawn` gives the :class:`~spawnd.protocol.Spawn`
+    itself, built only then.
+    """
+
+    __slots__ = ("id", "frame", "_head", "_rest", "_base", "_spawn")
+
+    def __init__(self, rid: int, head: bytes, rest: bytes, base: P.Spawn) -> None:
+        rid_bytes = _packb(rid) if head else b""  # no head: rest is the whole body
+        self.id = rid
+        self._head = head  # map header + _SPAWN_HEAD
+        self._rest = rest  # every field after the id
+        self._base = base  # the Spawn these bytes encode, but maybe with another id
+        self._spawn: P.Spawn | None = base if base.id == rid else None
+        self.frame = (P.HEADER.pack(len(head) + len(rid_bytes) + len(rest)) + head
+                      + rid_bytes + rest)
+
+    @classmethod
+    def encode(cls, req: P.Spawn) -> SpawnFrame:
+        body = _packb(req.to_wire(), use_bin_type=True)  # what Connection.send packs
+        h = 1 if 0x80 <= body[0] <= 0x8F else 3 if body[0] == 0xDE else 0  # fixmap, map16
+        rid_bytes = _packb(req.id)
+        end = h + len(_SPAWN_HEAD)
+        if h and body[h:end] == _SPAWN_HEAD and body[end:end + len(rid_bytes)] == rid_bytes:
+            return cls(req.id, body[:end], body[end + len(rid_bytes):], req)
+        # Another layout (not t, then id): sent as encoded, re-encoded for another id.
+        return cls(req.id, b"", body, req)
+
+    @property
+    def patchable(self) -> bool:
+        """Whether :meth:`with_id` reuses these bytes (else it encodes afresh)."""
+        return bool(self._head)
+
+    def with_id(self, rid: int) -> SpawnFrame:
+        if not self._head:
+            return SpawnFrame.encode(replace(self._base, id=rid))
+        return SpawnFrame(rid, self._head, self._rest, self._base)
+
+    @property
+    def spawn(self) -> P.Spawn:
+        """The request as an event (for reading it; the frame is what is sent)."""
+        if self._spawn is None:
+            self._spawn = replace(self._base, id=self.id)
+        return self._spawn
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.spawn.to_wire()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # an unset slot (copy, pickle): never recurse via .spawn
+            raise AttributeError(name)
+        return getattr(self.spawn, name)
+
+
+def frame_of(event: P.Event | SpawnFrame, proto: P.Connection) -> bytes:
+    """The bytes to send for ``event`` (a pre-encoded Spawn, or any event)."""
+    if type(event) is SpawnFrame:
+        return event.frame
+    return proto.send(event)  # type: ignore[arg-type]
 
 
 class _Waiter:
@@ -203,7 +319,8 @@ class Transport:
             return
         with lock:
             self._send_locked(data, anc)
-            self._flush_deferred()
+            if self._deferred:
+                self._flush_deferred()
         if self._deferred:  # queued by a handler between our flush and the release
             with lock:
                 self._flush_deferred()
@@ -224,7 +341,7 @@ class Transport:
             except (OSError, _MidFrame):
                 pass  # fire-and-forget; a dead connection shows at the next read
 
-    def request(self, event: P.Event, fds: list[int] | None = None, *,
+    def request(self, event: P.Event | SpawnFrame, fds: list[int] | None = None, *,
                 on_spawned: Callable[[P.Spawned], Any] | None = None,
                 timeout: float | None = None, reply: bool = True) -> Any:
         """Send ``event`` and block until its reply; raise the reply's error as an exception.
@@ -237,8 +354,9 @@ class Transport:
         of the request left (the caller may resend it on a new connection).
         """
         rid: int = event.id  # type: ignore[attr-defined]
-        data = self.proto.send(event)
-        check_frame_size(data)  # the daemon would drop the whole connection for it
+        data = event.frame if type(event) is SpawnFrame else self.proto.send(event)  # type: ignore[union-attr, arg-type]
+        if len(data) > _MAX_WIRE:
+            check_frame_size(data)  # the daemon would drop the whole connection for it
         if self.reentrant():
             if reply:
                 raise RuntimeError("a spawnd request that needs its reply cannot be made from "
@@ -313,7 +431,8 @@ class Transport:
                             self._read_once(remaining)
                         finally:
                             self._reader = None
-                            self._wake(lambda d: d())
+                            if self._followers:  # (alone: no closure, no call)
+                                self._wake(lambda d: d())
                     elif remaining == 0:
                         return done()
                     else:
@@ -327,8 +446,8 @@ class Transport:
             finally:
                 if me is not None:
                     del self._followers[me]
-                if self._reader is None:  # leaving: someone still waiting must read next
-                    self._wake(lambda d: not d(), first_only=True)
+                if self._reader is None and self._followers:  # leaving: someone still
+                    self._wake(lambda d: not d(), first_only=True)  # waiting must read next
 
     def _wake(self, which: Callable[[Callable[[], bool]], bool], first_only: bool = False) -> None:
         """Notify followers whose predicate satisfies ``which`` (lock held)."""

@@ -39,7 +39,7 @@ from spawnd.paths import default_socket_path
 
 from ._caller import caller_state
 from ._mp_boot import is_open
-from ._transport import FD_SPACE, RECV_SIZE, check_frame_size, feed, new_socket
+from ._transport import FD_SPACE, RECV_SIZE, check_frame_size, feed, frame_of, new_socket
 from .autostart import private_daemon
 from .client import StrOrBytes, pidfd_signal, signal_request, spawn_request
 from .errors import DaemonConnectionError, DaemonUnavailable, error_to_exception
@@ -275,7 +275,7 @@ class _Connection:
     def _push(self, event: P.Event, fds: Sequence[int]) -> _Out:
         if self.broken is not None:
             raise self._lost()
-        data = self.proto.send(event)
+        data = frame_of(event, self.proto)
         check_frame_size(data)
         item = _Out(data, fds)
         self._out.append(item)

@@ -7,14 +7,14 @@ import os
 import signal as _signal
 import threading
 import weakref
+from _thread import RLock as _RLock  # threading.RLock's own, without its wrapper
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 from spawnd import protocol as P
 
 from ._caller import CallerState, caller_state
-from ._transport import Transport
+from ._transport import SpawnFrame, Transport
 from .autostart import private_daemon, socket_choice
 from .errors import DaemonConnectionError, DaemonUnavailable, RequestNotSent
 
@@ -41,24 +41,53 @@ def spawn_request(rid: int, argv: Sequence[StrOrBytes], *, env: Mapping[Any, Any
                   fds: Mapping[int, int] | None, executable: StrOrBytes | None,
                   cwd: StrOrBytes | None, extra_groups: Iterable[int] | None,
                   capabilities: Iterable[str], rlimits: Mapping[str, tuple[int, int]] | None,
-                  caller: CallerState | None = None, **flags: Any) -> tuple[P.Spawn, list[int]]:
-    """The request and the fds to send with it, shared by the blocking and async clients.
+                  caller: CallerState | None = None, **flags: Any) -> tuple[SpawnFrame, list[int]]:
+    """The encoded request and the fds to send with it, shared by the blocking and async clients.
 
     What the daemon would refuse for the whole connection fails here, alone, before
     anything is sent: more fds than one ``sendmsg`` may carry (``E2BIG``), over-long
     strings. A closed fd is not looked for (no ``fstat`` per fd): ``sendmsg`` refuses it
     with ``EBADF`` before any byte leaves, and the transport hands that to the caller.
+
+    A request equal to the previous one in everything but its id (same argv, environment,
+    fd numbers, options and caller state: the common loop) reuses its encoded bytes with
+    the new id; the comparison is exact (values and their types), see :func:`_request_key`.
     """
+    global _last_request
     items = sorted(fds.items()) if fds else []
     room = P.MAX_FDS - (caller is not None and caller.cwd_fd is not None)  # our cwd goes too
     if len(items) > room:
         raise OSError(errno.E2BIG, f"{len(items)} fds for one child; spawnd passes at most "
                       f"{room} (SCM_MAX_FD per message, stdio included, less one for the "
                       "caller's cwd)")
+    send = [fd for _, fd in items]
+    if caller is not None and caller.cwd_fd is not None:
+        send.append(caller.cwd_fd)  # issue 11: the request's cwd_fd flag names it
+    argv_b = tuple(map(_b, argv))
+    if env is None or env is os.environ:
+        data = getattr(os.environ, "_data", None)  # bytes -> bytes (see encode_env)
+        env_key: Any = data if isinstance(data, dict) else None
+        env_list = None
+    else:
+        env_list = encode_env(env)
+        env_key = env_list
+    key = _request_key(argv_b, items, executable, cwd, extra_groups, capabilities, rlimits,
+                       caller, flags)
+    last = _last_request
+    if last is not None and key == last[0] and env_key == last[1]:
+        return last[2].with_id(rid), send  # validated when it was built: the same content
+    if env_list is None:
+        if type(env_key) is dict:
+            # One snapshot (a C-level copy, atomic for other threads) is both what this
+            # request sends and what the next one is compared with.
+            env_key = dict(env_key)
+            env_list = [k + b"=" + v for k, v in env_key.items()]
+        else:
+            env_list = encode_env(env)
     if caller is not None:  # inherit the caller's state (issue 11): see _caller.py
         flags = _with_caller(flags, caller)
     req = P.Spawn(
-        id=rid, argv=tuple(_b(a) for a in argv), env=tuple(encode_env(env)),
+        id=rid, argv=argv_b, env=tuple(env_list),
         executable=None if executable is None else _b(executable),
         fds=tuple(k for k, _ in items), cwd=None if cwd is None else _b(cwd),
         extra_groups=None if extra_groups is None else tuple(extra_groups),
@@ -72,10 +101,46 @@ def spawn_request(rid: int, argv: Sequence[StrOrBytes], *, env: Mapping[Any, Any
     for path in (req.executable, req.cwd):
         if path is not None and len(path) > P.MAX_STR:
             raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), path)
-    send = [fd for _, fd in items]
-    if caller is not None and caller.cwd_fd is not None:
-        send.append(caller.cwd_fd)  # issue 11: the request's cwd_fd flag names it
-    return req, send
+    frame = SpawnFrame.encode(req)
+    if env_key is not None and frame.patchable and _cacheable(key):
+        _last_request = (key, env_key, frame)
+    return frame, send
+
+
+#: (key, environment, frame) of the last cacheable request built in this process: one
+#: immutable tuple, replaced whole, so threads need no lock to read or swap it.
+_last_request: tuple[tuple[Any, ...], Any, SpawnFrame] | None = None
+#: Types whose equal values always encode to equal bytes (floats: see _request_key).
+_EXACT = frozenset({bool, int, float, str, bytes, type(None)})
+_EMPTY_OK = frozenset({tuple, list, dict, frozenset, set})
+
+
+def _request_key(argv_b: tuple[bytes, ...], items: list[tuple[int, int]], executable: Any,
+                 cwd: Any, extra_groups: Any, capabilities: Any, rlimits: Any,
+                 caller: CallerState | None, flags: dict[str, Any]) -> tuple[Any, ...]:
+    """What the request's bytes (but its id) depend on, with each value's type.
+
+    ``==`` alone would confuse values that encode differently (``1``/``True``/``1.0``);
+    with the types equal too, a key equal to one that :func:`_cacheable` admitted encodes
+    to the very same bytes.
+    """
+    flat = (executable, cwd, extra_groups, capabilities, rlimits, *[k for k, _ in items],
+            *flags.values())
+    return (argv_b, tuple(flags), flat, tuple(map(type, flat)),
+            None if caller is None else caller.key())
+
+
+def _cacheable(key: tuple[Any, ...]) -> bool:
+    """Every value a plain scalar or an empty container (equal to an empty one means
+    empty), no float that equals another encoding (``0.0 == -0.0``) or nothing (NaN)."""
+    for v, t in zip(key[2], key[3], strict=True):
+        if t not in _EXACT:
+            if t in _EMPTY_OK and not v:
+                continue
+            return False
+        if t is float and (v == 0 or v != v):
+            return False
+    return True
 
 
 def _with_caller(flags: dict[str, Any], caller: CallerState) -> dict[str, Any]:
@@ -133,7 +198,7 @@ class Child:
         # Guards pidfd against close() in another thread (a reused fd number would signal
         # some other process); re-entrant so a signal handler interrupting close() in this
         # thread sees either the open fd or None.
-        self._fd_lock = threading.RLock()
+        self._fd_lock = _RLock()
 
     def _on_exit(self, ev: P.Exit | BaseException) -> None:
         """Runs in whichever thread routes the event, with the transport's lock held."""
@@ -288,11 +353,11 @@ class Client:
                 return self._spawn_on(t, req, send_fds, label)
             except RequestNotSent:
                 t = self.transport()  # the daemon never saw it: once more, on a new connection
-                return self._spawn_on(t, replace(req, id=t.next_id()), send_fds, label)
+                return self._spawn_on(t, req.with_id(t.next_id()), send_fds, label)
         finally:
             caller.close()
 
-    def _spawn_on(self, t: Transport, req: P.Spawn, send_fds: list[int], label: Any) -> Child:
+    def _spawn_on(self, t: Transport, req: SpawnFrame, send_fds: list[int], label: Any) -> Child:
         rid = req.id
 
         def adopt(ev: P.Spawned) -> Child:
