@@ -306,44 +306,6 @@ def test_exit_with_fds_and_partial_frames_take_the_general_path() -> None:
     assert [ev.id for ev in got] == [1, 1, 2]  # type: ignore[attr-defined]
 
 
-# ---------------------------------------------------------------- caller state from /proc
-
-def test_limits_file_says_what_getrlimit_says() -> None:
-    from spawnd_client import _caller
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    core = resource.getrlimit(resource.RLIMIT_CORE)
-    try:
-        for value in ((soft - 3, hard), (soft - 5, hard)):  # soft only: no CAP_SYS_RESOURCE
-            resource.setrlimit(resource.RLIMIT_NOFILE, value)
-            st = caller_state(cwd=False)
-            assert st.rlimit_values == _caller._getrlimits()
-            assert st.limits["NOFILE"] == value
-        resource.setrlimit(resource.RLIMIT_CORE, (0, core[1]))
-        assert caller_state(cwd=False).limits["CORE"] == (0, core[1])
-        assert caller_state(cwd=False).rlimit_values == _caller._getrlimits()
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        resource.setrlimit(resource.RLIMIT_CORE, core)
-    assert -1 in sum(caller_state(cwd=False).rlimit_values, ())  # some "unlimited" parsed
-    assert _caller._limits.usable  # the file was used, not the fallback
-
-
-@pytest.mark.parametrize("text", [
-    b"",
-    b"garbage\n" * 20,
-    b"Limit  Soft Limit\n" + b"Max cpu time              lots                 unlimited\n" * 16,
-])
-def test_limits_parse_refuses_other_layouts(text: bytes) -> None:
-    from spawnd_client import _caller
-
-    assert _caller._parse_limits(text) is None
-    lf = _caller._LimitsFile()
-    lf.read = lambda pid, size: text  # type: ignore[method-assign]
-    assert lf.values(os.getpid()) == _caller._getrlimits()  # getrlimit answers instead
-    assert lf.usable is False
-
-
 def test_forked_child_reads_its_own_limits(daemon: Daemon) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     c = sc.Client(daemon.path, autostart=False)
