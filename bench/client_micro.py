@@ -63,9 +63,9 @@ def variants(client: Client) -> dict[str, Callable[[], None]]:
                 st.close()
             n, anc, _, _ = sock.recvmsg_into([buf], T.FD_SPACE, socket.MSG_CMSG_CLOEXEC)
             got = T.fdpass.received_fds(anc)
-            T.fast_reply(bytes(buf[:n]), got)
+            T.P._spawn_reply(bytes(buf[:n]), tuple(got))
             n, _, _, _ = sock.recvmsg_into([buf], T.FD_SPACE, socket.MSG_CMSG_CLOEXEC)
-            T.fast_reply(bytes(buf[:n]), [])
+            T.P._spawn_reply(bytes(buf[:n]), ())
             for fd in got:
                 os.close(fd)
         return one

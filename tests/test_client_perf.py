@@ -21,7 +21,7 @@ import spawnd_client as sc
 from conftest import Daemon
 from spawnd_client import client as C
 from spawnd_client._caller import caller_state
-from spawnd_client._transport import SpawnFrame, fast_reply, feed
+from spawnd_client._transport import SpawnFrame, feed
 
 from spawnd import protocol as P
 
@@ -260,7 +260,7 @@ def _client() -> P.Connection:
 def test_fast_reply_decodes_what_the_parser_does(ev: P.Event) -> None:
     fds = list(getattr(ev, "fds_received", ()))
     data = _server_frames(ev)
-    assert fast_reply(data, fds) == ev
+    assert P._spawn_reply(data, tuple(fds)) == ev
     slow = _client()
     slow.receive_data(data, fds)
     assert slow.next_event() == ev
@@ -278,7 +278,7 @@ def test_fast_reply_decodes_what_the_parser_does(ev: P.Event) -> None:
 def test_odd_replies_go_to_the_general_parser(body: dict[str, Any]) -> None:
     raw = msgpack.packb(body, use_bin_type=True)
     data = P.HEADER.pack(len(raw)) + raw
-    assert fast_reply(data, []) is None
+    assert P._spawn_reply(data, ()) is None
     got: list[P.Event] = []
     c = _client()
     end = feed(c, data, None, got.append)
@@ -294,10 +294,10 @@ def test_odd_replies_go_to_the_general_parser(body: dict[str, Any]) -> None:
 
 def test_exit_with_fds_and_partial_frames_take_the_general_path() -> None:
     data = _server_frames(P.Exit(id=1, pid=2, returncode=0))
-    assert fast_reply(data, [99]) is None  # an exit never carries fds: the parser refuses it
-    assert fast_reply(data[:-1], []) is None  # a partial frame
+    assert P._spawn_reply(data, (99,)) is None  # an exit never carries fds: the parser refuses it
+    assert P._spawn_reply(data[:-1], ()) is None  # a partial frame
     two = data + _server_frames(P.Exit(id=2, pid=3, returncode=1))
-    assert fast_reply(two, []) is None  # two frames in one read
+    assert P._spawn_reply(two, ()) is None  # two frames in one read
     c = _client()
     got: list[P.Event] = []
     assert feed(c, data[:5], None, got.append) is None and got == []
@@ -360,3 +360,19 @@ def test_environ_snapshot_is_what_was_sent(monkeypatch: pytest.MonkeyPatch) -> N
     assert b"CPERF_S=1" in a.spawn.env
     os.environ["CPERF_S"] = "2"
     assert b"CPERF_S=2" in _request().spawn.env
+
+
+def test_the_quick_replies_are_what_the_connection_returns() -> None:
+    """The quick decode sits inside Connection (client role): fds, order and offsets are
+    exactly the general path's, with a partial frame or stray bytes before it or not."""
+    spawned = P.Spawned(id=5, pid=123, pidfd=True, fds_received=(9,))
+    exit_ = P.Exit(id=5, pid=123, returncode=0)
+    c = _client()
+    c.receive_data(_server_frames(spawned), [9])
+    c.receive_data(_server_frames(exit_), [])
+    assert [c.next_event(), c.next_event(), c.next_event()] == [spawned, exit_, None]
+    data = _server_frames(exit_)
+    c.receive_data(data[:3], [])  # a frame in pieces: the general path, then quick again
+    c.receive_data(data[3:], [])
+    c.receive_data(data, [])
+    assert [c.next_event(), c.next_event(), c.next_event()] == [exit_, exit_, None]

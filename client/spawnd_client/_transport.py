@@ -34,7 +34,6 @@ from dataclasses import replace
 from typing import Any
 
 from msgpack import packb as _packb
-from msgpack import unpackb as _unpackb
 
 from spawnd import fdpass
 from spawnd import protocol as P
@@ -50,7 +49,6 @@ RECV_SIZE = 256 * 1024
 FD_SPACE = socket.CMSG_SPACE(8 * 4)  # the daemon sends at most one pidfd per message
 CLOSE_READ_TIMEOUT = 2.0  # after EPIPE, how long the daemon's last words may take to read
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-_U32 = struct.Struct(">I").unpack_from
 _MAX_WIRE = P.HEADER.size + P.MAX_FRAME  # see check_frame_size
 #: sendmsg errors that mean the connection is gone (nothing of this message was sent).
 _DEAD = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNREFUSED)
@@ -99,53 +97,12 @@ def check_frame_size(data: bytes) -> None:
                       f"{P.MAX_FRAME} bytes per message")
 
 
-_SPAWNED_KEYS = ("t", "id", "pid", "pidfd")
-_EXIT_KEYS = ("t", "id", "pid", "returncode")
-
-
-def fast_reply(data: bytes, fds: list[int]) -> P.Event | None:
-    """The two replies of every spawn, decoded without the general parser; None: not one.
-
-    Only a read that is exactly one whole frame holding a ``spawned`` or ``exit`` map in
-    the daemon's own layout (those keys, that order, exact types, no nesting) is taken;
-    anything else, odd or wrong, goes to :class:`~spawnd.protocol.Connection`, which
-    decodes and refuses it as always. Call it only between frames (``not in_frame``):
-    the protocol object then holds no bytes and no fds that this read could belong to.
-    """
-    if not 16 <= len(data) <= 64 or data[4:7] != b"\x84\xa1t":  # fixmap of 4, "t" first
-        return None
-    if _U32(data)[0] != len(data) - 4:
-        return None
-    try:
-        m = _unpackb(memoryview(data)[4:], raw=False, strict_map_key=True, max_str_len=16,
-                     max_bin_len=0, max_array_len=0, max_map_len=4, max_ext_len=0)
-    except Exception:  # noqa: BLE001 - not ours to judge: the general path says why
-        return None
-    keys = tuple(m) if type(m) is dict else ()
-    if keys == _SPAWNED_KEYS:
-        rid, pid, pidfd = m["id"], m["pid"], m["pidfd"]
-        if (m["t"] == "spawned" and type(rid) is int and 0 <= rid < 2**63
-                and type(pid) is int and type(pidfd) is bool):
-            return P.Spawned(id=rid, pid=pid, pidfd=pidfd, fds_received=tuple(fds))
-    elif keys == _EXIT_KEYS and not fds:
-        rid, pid, rc = m["id"], m["pid"], m["returncode"]
-        if (m["t"] == "exit" and type(rid) is int and 0 <= rid < 2**63
-                and type(pid) is int and type(rc) is int):
-            return P.Exit(id=rid, pid=pid, returncode=rc)
-    return None
-
-
 def feed(proto: P.Connection, data: bytes, anc: Any, route: Callable[[P.Event], Any]
          ) -> BaseException | None:
     """Hand one ``recvmsg`` (bytes and fds) to the protocol and route every whole event.
     Returns what the connection must fail with (a protocol error, or EOF), else None.
     Shared by the blocking transport and the async connection."""
     fds = [fd if fd > 2 else off_stdio(fd) for fd in fdpass.received_fds(anc)] if anc else []
-    if proto.their_hello is not None and not proto.in_frame and not proto.eof:
-        ev = fast_reply(data, fds)
-        if ev is not None:
-            route(ev)
-            return None
     try:
         proto.receive_data(data, fds)
         while (ev := proto.next_event()) is not None:
