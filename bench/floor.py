@@ -120,96 +120,112 @@ def _cpu(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+class FloorClient:
+    """A client of the minimal daemon, started by :meth:`start`; :meth:`one` is one
+    spawn+wait of ``/bin/true`` (``v``: "bare", "caller" or "proto", see the module doc)."""
+
+    def __init__(self, v: str) -> None:
+        import subprocess
+
+        from spawnd import protocol as P
+
+        self.v = v
+        self.dir = tempfile.mkdtemp(prefix="spawnd-floor-")
+        self.path = os.path.join(self.dir, "s")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c",
+             f"import bench.floor as f; f._daemon({self.path!r}, {v == 'proto'})"],
+            stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None and self.proc.stdout.readline() == "ready\n"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self.path)
+        self.cc = P.Connection("client")
+        self.cc.their_hello = P.Hello()
+        self.buf = bytearray(65536)
+        self.rid = 0
+
+    def _recv_event(self) -> Any:
+        while True:
+            ev = self.cc.next_event()
+            if ev is not None:
+                return ev
+            nb, anc, _, _ = self.sock.recvmsg_into([self.buf], socket.CMSG_SPACE(4))
+            self.cc.receive_data(bytes(self.buf[:nb]), _fds(anc))
+
+    def one(self) -> None:
+        from spawnd_client._caller import caller_state
+        from spawnd_client.client import spawn_request
+
+        self.rid += 1
+        i, s, v = self.rid, self.sock, self.v
+        fds: list[int] = []
+        if v == "bare":
+            s.sendall(REQ.pack(i, 0))
+            _, anc, _, _ = s.recvmsg(16, socket.CMSG_SPACE(4))
+            s.recv(16)
+            fds = _fds(anc)
+        else:
+            st = caller_state()
+            try:
+                if v == "caller":
+                    s.sendmsg([REQ.pack(i, 0)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                  array.array("i", [st.cwd_fd]))])
+                    _, anc, _, _ = s.recvmsg(16, socket.CMSG_SPACE(4))
+                    s.recv(16)
+                    fds = _fds(anc)
+                else:
+                    req, _ = spawn_request(i, [TRUE], env=None, fds=None,
+                                           executable=None, cwd=None, extra_groups=None,
+                                           capabilities=(), rlimits=None, caller=st)
+                    s.sendmsg([req.frame],  # the encoded request, as spawnd_client sends it
+                              [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                array.array("i", [st.cwd_fd]))])
+                    fds = list(self._recv_event().fds_received)
+                    self._recv_event()
+            finally:
+                st.close()
+        for fd in fds:
+            os.close(fd)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.proc.kill()
+        self.proc.wait()
+        try:
+            os.unlink(self.path)
+            os.rmdir(self.dir)
+        except OSError:
+            pass
+
+
+def _fds(anc: Any) -> list[int]:
+    out: list[int] = []
+    for _, _, blob in anc:
+        a = array.array("i")
+        a.frombytes(blob[: len(blob) - len(blob) % 4])
+        out.extend(a)
+    return out
+
+
 def _variant(v: str, n: int, hz: int) -> dict[str, Any]:
-    import subprocess
-
-    from spawnd_client._caller import caller_state
-    from spawnd_client.client import spawn_request
-
-    from spawnd import protocol as P
-
-    d = tempfile.mkdtemp(prefix="spawnd-floor-")
-    path = os.path.join(d, "s")
-    proc = subprocess.Popen([sys.executable, "-c",
-                             f"import bench.floor as f; f._daemon({path!r}, {v == 'proto'})"],
-                            stdout=subprocess.PIPE, text=True)
+    fc = FloorClient(v)
     try:
-        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(path)
-        cc = P.Connection("client")
-        cc.their_hello = P.Hello()
-        buf = bytearray(65536)
-
-        def recv_event() -> Any:
-            while True:
-                ev = cc.next_event()
-                if ev is not None:
-                    return ev
-                nb, anc, _, _ = s.recvmsg_into([buf], socket.CMSG_SPACE(4))
-                fds = []
-                for _, _, blob in anc:
-                    a = array.array("i")
-                    a.frombytes(blob[: len(blob) - len(blob) % 4])
-                    fds.extend(a)
-                cc.receive_data(bytes(buf[:nb]), fds)
-
-        def one(i: int) -> None:
-            fds: list[int] = []
-            if v == "bare":
-                s.sendall(REQ.pack(i, 0))
-                _, anc, _, _ = s.recvmsg(16, socket.CMSG_SPACE(4))
-                s.recv(16)
-            else:
-                st = caller_state()
-                try:
-                    if v == "caller":
-                        s.sendmsg([REQ.pack(i, 0)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                      array.array("i", [st.cwd_fd]))])
-                        _, anc, _, _ = s.recvmsg(16, socket.CMSG_SPACE(4))
-                        s.recv(16)
-                    else:
-                        req, _ = spawn_request(i, [TRUE], env=None, fds=None,
-                                               executable=None, cwd=None, extra_groups=None,
-                                               capabilities=(), rlimits=None, caller=st)
-                        s.sendmsg([cc.send(req)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                    array.array("i", [st.cwd_fd]))])
-                        ev = recv_event()
-                        fds = list(ev.fds_received)
-                        recv_event()
-                        anc = []
-                finally:
-                    st.close()
-            for _, _, blob in anc:
-                a = array.array("i")
-                a.frombytes(blob[: len(blob) - len(blob) % 4])
-                fds.extend(a)
-            for fd in fds:
-                os.close(fd)
-
-        for i in range(50):
-            one(i)
-        d0 = _cpu(proc.pid)
+        for _ in range(50):
+            fc.one()
+        d0 = _cpu(fc.proc.pid)
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         w0 = time.perf_counter()
-        for i in range(n):
-            one(i)
+        for _ in range(n):
+            fc.one()
         w1 = time.perf_counter()
         r1 = resource.getrusage(resource.RUSAGE_SELF)
-        d1 = _cpu(proc.pid)
-        s.close()
+        d1 = _cpu(fc.proc.pid)
         return {"wall_ms": round((w1 - w0) / n * 1e3, 4),
                 "daemon_cpu_ms": round((d1 - d0) / hz / n * 1e3, 4),
                 "client_cpu_ms": round((r1.ru_utime + r1.ru_stime - r0.ru_utime
                                         - r0.ru_stime) / n * 1e3, 4)}
     finally:
-        proc.kill()
-        proc.wait()
-        try:
-            os.unlink(path)
-            os.rmdir(d)
-        except OSError:
-            pass
+        fc.close()
 
 
 def measure(n: int = 1000, variants: tuple[str, ...] = ("bare", "caller", "proto")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -54,6 +55,12 @@ REFERENCES: dict[str, str] = {
     "spawnd_client_env": "spawnd Client.spawn, full environment, fds 0-2",
     "subprocess_env": "subprocess.Popen(argv).wait() (defaults)",
     "spawnd_popen_env": "spawnd Popen(argv).wait() (defaults)",
+    # isolating target 1's miss, in the same rounds: the minimal trio daemon of
+    # bench/floor.py (spawnd's own request: full env, caller state, protocol) and a plain
+    # Unix-socket round trip between two blocking processes (two wake-ups, nothing else)
+    "floor_spawn_env": "minimal trio daemon (bench/floor.py) spawn+wait, full env",
+    "floor_spawn_bare": "minimal trio daemon, bare: a 16-byte request, no protocol",
+    "unix_pingpong": "plain Unix-socket round trip to an echo process",
 }
 
 FULL_SIZES = [0, 256, 1024, 4096]
@@ -95,7 +102,12 @@ def _grow(mib: int) -> mmap.mmap | None:
     return mem
 
 
-def _methods(client: Any, sidecar_proc: subprocess.Popen[bytes]) -> dict[str, Callable[[], int]]:
+_ECHO = ("import socket, sys\ns = socket.socket(fileno=int(sys.argv[1]))\n"
+         "while (d := s.recv(64)):\n    s.sendall(d)\n")
+
+
+def _methods(client: Any, sidecar_proc: subprocess.Popen[bytes], floors: dict[str, Any],
+             echo: Any) -> dict[str, Callable[[], int]]:
     """Each returns the elapsed ns of one spawn-to-exit (or one reference measurement)."""
     import multiprocessing as mp
 
@@ -195,7 +207,22 @@ def _methods(client: Any, sidecar_proc: subprocess.Popen[bytes]) -> dict[str, Ca
         sc.Popen(argv, client=client).wait()
         return clock() - t0
 
+    def floor_spawn(v: str) -> Callable[[], int]:
+        def run() -> int:
+            t0 = clock()
+            floors[v].one()
+            return clock() - t0
+        return run
+
+    def unix_pingpong() -> int:
+        t0 = clock()
+        echo.sendall(b"x")
+        echo.recv(1)
+        return clock() - t0
+
     return {
+        "floor_spawn_env": floor_spawn("proto"), "floor_spawn_bare": floor_spawn("bare"),
+        "unix_pingpong": unix_pingpong,
         "posix_spawn_env": posix_spawn_env, "spawnd_client_env": spawnd_client_env,
         "subprocess_env": popen_env, "spawnd_popen_env": spawnd_popen_env,
         "fork_exec": fork_exec, "posix_spawn": posix_spawn, "subprocess": popen,
@@ -208,8 +235,15 @@ def _methods(client: Any, sidecar_proc: subprocess.Popen[bytes]) -> dict[str, Ca
 def runner(cfg: dict[str, Any]) -> dict[str, Any]:
     import spawnd_client as sc
 
+    from .floor import FloorClient
+
     side = subprocess.Popen([sys.executable, "-m", "bench", "--sidecar"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    floors = {v: FloorClient(v) for v in ("proto", "bare")}  # small: started before growing
+    mine, theirs = socket.socketpair()
+    echo_proc = subprocess.Popen([sys.executable, "-c", _ECHO, str(theirs.fileno())],
+                                 pass_fds=[theirs.fileno()])
+    theirs.close()
     client = sc.Client(cfg["socket"], autostart=False)
     client.ping()
     t0 = time.monotonic()
@@ -219,7 +253,7 @@ def runner(cfg: dict[str, Any]) -> dict[str, Any]:
     threads = [threading.Thread(target=stop.wait, daemon=True) for _ in range(cfg["threads"])]
     for t in threads:
         t.start()
-    fns = _methods(client, side)
+    fns = _methods(client, side, floors, mine)
     keys = [k for k in cfg.get("methods") or list(METHODS) + list(REFERENCES) if k in fns]
     samples: dict[str, list[int]] = {k: [] for k in keys}
     for k in keys:  # warm-up: starts the forkserver, connects, fills caches
@@ -235,6 +269,10 @@ def runner(cfg: dict[str, Any]) -> dict[str, Any]:
     stop.set()
     side.stdin.close()  # type: ignore[union-attr]
     side.wait()
+    for fc in floors.values():
+        fc.close()
+    mine.close()
+    echo_proc.wait()
     client.close()
     del mem
     return {

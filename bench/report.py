@@ -226,9 +226,15 @@ def targets12(results: dict[str, Any]) -> list[dict[str, Any]]:
                          (f"{size_label(max(lat['sizes_mib']))}, {max(lat['threads'])}-thread "
                           "parent", big_cfg)):
             sd, ps = _median(c, "spawnd_client_env"), _median(c, "posix_spawn_env")
+            fl, fb = _median(c, "floor_spawn_env"), _median(c, "floor_spawn_bare")
+            pp, ping = _median(c, "unix_pingpong"), _median(c, "spawnd_ping")
+            iso = ("" if fl is None else
+                   f"; same rounds: minimal trio daemon {ms(fl)} ms ({ratio(fl, ps)}x), bare "
+                   f"{ms(fb)} ms ({ratio(fb, ps)}x); round trips: spawnd ping {ms(ping, 3)} "
+                   f"ms, plain Unix socket {ms(pp, 3)} ms")
             out.append(_target(f"1. Client.spawn+wait, full env, fds 0-2 / os.posix_spawn+"
                                f"waitpid (same env), {where}", ratio(sd, ps), "<=", 1.3, "x",
-                               f"{ms(sd)} ms vs {ms(ps)} ms"))
+                               f"{ms(sd)} ms vs {ms(ps)} ms{iso}"))
         for where, c in (("small process", small_cfg),
                          (f"{size_label(max(lat['sizes_mib']))}, {max(lat['threads'])}-thread "
                           "parent", big_cfg)):
