@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any
 
-from .common import TRUE, cpu_ticks, log, python_env, rounds_rng, run_runner, shuffled
+from .common import REPO, TRUE, cpu_ticks, log, python_env, rounds_rng, run_runner, shuffled
 
 MODULE = "bench.cost"
 IMPORTS = ("subprocess", "spawnd_client", "spawnd_client.mp")
@@ -61,6 +61,13 @@ def runner(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _imports(rounds: int) -> dict[str, Any]:
+    """Import times as an installed user meets them: with bytecode. pip compiles what it
+    installs, like the stdlib's own; a source checkout run with PYTHONDONTWRITEBYTECODE=1
+    (this machine) would otherwise compile spawnd's modules in every interpreter."""
+    import compileall
+
+    for pkg in (REPO / "spawnd", REPO / "client" / "spawnd_client"):
+        compileall.compile_dir(pkg, quiet=1)
     rng = rounds_rng()
     env = python_env()
     samples: dict[str, list[int]] = {m: [] for m in IMPORTS}

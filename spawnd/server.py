@@ -484,14 +484,19 @@ class ConnectionHandler:
             data, fds = self._send_now(data, fds)
             if not data:
                 return
+        self._queue(data, fds)
+
+    def _queue(self, data: bytes, fds: list[int]) -> None:
         try:
             self.outbox_send.send_nowait((data, fds))
             self._queued += 1
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             _close_all(fds)
 
-    def _send_now(self, data: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
-        """Non-blocking write; returns what is left to queue (fds go with the first byte)."""
+    def _send_now(self, data: bytes, fds: list[int], *, ours: bool = True
+                  ) -> tuple[bytes, list[int]]:
+        """Non-blocking write; returns what is left to queue (fds go with the first byte).
+        ``ours``: the fds are closed once they went (else they stay the caller's)."""
         anc = fdpass.ancillary(fds)
         assert self._raw is not None
         try:
@@ -499,10 +504,28 @@ class ConnectionHandler:
         except BlockingIOError:
             return data, fds
         except OSError:  # the peer is gone: the reader sees EOF and ends the connection
+            sent = len(data)
+        if ours:
             _close_all(fds)
-            return b"", []
-        _close_all(fds)
         return data[sent:], []
+
+    def _send_pidfd(self, rid: int, child: Child) -> None:
+        """The Spawned reply with the child's pidfd: the table's own fd when the reply is
+        written at once (the usual case: no dup, no close); else a copy goes in the queue,
+        since the reaper may close the table's before the writer sends it."""
+        if self._raw is not None and not self._writing and not self._queued:
+            data = self.proto.send(P.Spawned(id=rid, pid=child.pid, pidfd=True))
+            rest, _ = self._send_now(data, [child.pidfd], ours=False)
+            if len(rest) < len(data):  # the fd went with the first byte
+                if rest:
+                    self._queue(rest, [])
+                return
+        fds = []
+        try:
+            fds = [os.dup(child.pidfd)]
+        except OSError as e:  # out of fds: the child exists; the client gets no pidfd
+            log.warning("no pidfd for child %d: %s", child.pid, e.strerror)
+        self.send(P.Spawned(id=rid, pid=child.pid, pidfd=bool(fds)), fds)
 
     async def run(self) -> None:
         self._raw = socket.socket(fileno=self.sock.fileno())
@@ -734,13 +757,10 @@ class ConnectionHandler:
         self.kids[req.id] = child
         server.stats.note_spawn(server.children, child, req.argv[0], req.warm is not None)
         log.debug("uid %d spawned %d: %r", self.peer.uid, pid, req.argv[0])
-        fds = []
         if req.want_pidfd:
-            try:
-                fds = [os.dup(child.pidfd)]
-            except OSError as e:  # out of fds: the child exists; the client gets no pidfd
-                log.warning("no pidfd for child %d: %s", pid, e.strerror)
-        self.send(P.Spawned(id=req.id, pid=pid, pidfd=bool(fds)), fds)
+            self._send_pidfd(req.id, child)
+        else:
+            self.send(P.Spawned(id=req.id, pid=pid, pidfd=False))
         server.poke()
 
     async def _start(self, req: P.Spawn) -> int:

@@ -826,9 +826,10 @@ def test_10_out_of_fds_no_busy_loop(tmp_path: Path) -> None:
 
 def test_10_one_fd_left_the_spawn_is_still_answered(tmp_path: Path) -> None:
     """With one free fd (besides the request's cwd fd) the child is started and its pidfd
-    opened, but the copy for the
-    client cannot be made: the client gets its child without a pidfd (this used to raise in
-    the handler and drop the connection, killing the new child)."""
+    opened (this used to raise in the handler and drop the connection, killing the new
+    child). No copy of the pidfd is needed for a reply written at once (issue 12), so the
+    client gets its pidfd even here; a reply that has to wait in the queue carries a copy,
+    and without a free fd for it the client gets its child without a pidfd."""
     limit = 32
     d = launch(tmp_path, "--handshake-timeout", "60",
                prefix=["prlimit", f"--nofile={limit}:{limit}", "--"])
@@ -848,7 +849,7 @@ def test_10_one_fd_left_the_spawn_is_still_answered(tmp_path: Path) -> None:
         flood.pop().close()  # one for the caller's cwd fd that comes with the request
         assert wait_until(lambda: fd_count(d.pid) == limit - 2, 10)
         child = c.spawn(["/bin/sleep", "0.1"], env={})
-        assert child.pidfd is None
+        assert child.pidfd is not None
         assert child.wait(10) == 0
         assert c.transport().broken is None
         for s in flood:
@@ -862,7 +863,7 @@ def test_10_one_fd_left_the_spawn_is_still_answered(tmp_path: Path) -> None:
         for s in flood:
             s.close()
         log = stop(d)
-    assert "no pidfd for child" in log
+    assert "no pidfd for child" not in log
 
 
 # ---------------------------------------------------------------------------- case 11
