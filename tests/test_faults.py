@@ -1077,3 +1077,30 @@ def test_daemon_log_and_threads_after_the_suite(shared: Daemon) -> None:
         assert c.spawn(["/bin/true"], env={}).wait(10) == 0
     assert stat.S_ISSOCK(os.stat(shared.path).st_mode)
     assert "Traceback" not in shared.log.read_text()
+
+
+def test_queued_spawned_replies_carry_their_own_pidfd(shared: Daemon, base: Baseline) -> None:
+    """issue 12: a reply written at once carries the child table's own pidfd (no copy); a
+    reply that waits in the queue of a client that does not read must carry a copy, since
+    the table closes its pidfd at the reap, long before this client reads. Every pidfd the
+    client finally reads must be a pidfd of its own child."""
+    r = Raw(shared.path)
+    try:
+        n = 300
+        for i in range(1, n + 1):  # not read meanwhile: the daemon's send buffer fills
+            r.send_obj(spawn_msg(i, [b"/bin/true"]))
+        time.sleep(1.0)  # every child has exited and been reaped: the table's fds are closed
+        pids: dict[int, int] = {}
+        while len(pids) < n:
+            ev = r.next()
+            assert ev is not None, "EOF"
+            if isinstance(ev, P.Spawned):
+                assert ev.pidfd and len(ev.fds_received) == 1, ev
+                with open(f"/proc/self/fdinfo/{ev.fds_received[0]}") as f:
+                    info = dict(line.split(":", 1) for line in f.read().splitlines())
+                assert "Pid" in info, info  # a pidfd (of a reaped child: -1 or its pid)
+                assert int(info["Pid"]) in (ev.pid, -1), (info, ev.pid)
+                pids[ev.id] = ev.pid
+    finally:
+        r.close()
+    base.check()
