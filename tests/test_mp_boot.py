@@ -27,7 +27,6 @@ OURS = ("spawnd_client", "spawnd_client.")
 #: with spawnd and prints what each saw at the start of its target.
 PROGRAM = textwrap.dedent("""
     import json, multiprocessing, os, sys
-    sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), "added"))
 
     def probe(q):
         main = sys.modules.get("__mp_main__")
@@ -38,6 +37,10 @@ PROGRAM = textwrap.dedent("""
                          sys.flags.no_user_site, sys.flags.safe_path]})
 
     if __name__ == "__main__":
+        # Only in the parent: a child gets it from the parent's sys.path alone. (Done at the
+        # top, the child's re-import of __main__ would add it again, which a pooled child
+        # that imported __main__ at boot, as forkserver does, would not: timing-dependent.)
+        sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), "added"))
         from spawnd_client import mp
         ctxs = {"spawn": multiprocessing.get_context("spawn"),
                 "spawnd": mp.get_context(socket=sys.argv[1], warm=int(sys.argv[2]))}
