@@ -32,6 +32,28 @@ def _out(client: sc.Client, argv: list[str], **kw: Any) -> bytes:
     return r.stdout
 
 
+def _out_in_forked_child(c: sc.Client, change: Any, argv: list[str]) -> bytes:
+    """In a forked child of this process: ``change()`` its own state, then run ``argv``
+    through the parent's client; its output comes back through a pipe."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        code = 1
+        try:
+            os.close(r)
+            change()
+            os.write(w, sc.run(argv, capture_output=True, client=c).stdout)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        got = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return got
+
+
 # ---------------------------------------------------------------- the child sees the change
 
 def test_environ_change_between_spawns(client: sc.Client,
@@ -95,24 +117,8 @@ def test_forked_child_reports_its_own_umask(daemon: Daemon) -> None:
     try:
         c = sc.Client(daemon.path, autostart=False)
         assert _out(c, ["sh", "-c", "umask"]) == b"0022\n"  # opens /proc/<pid>/status
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child reports through the pipe
-            code = 1
-            try:
-                os.close(r)
-                os.umask(0o077)  # the child's own, not the parent's
-                out = sc.run(["sh", "-c", "umask"], capture_output=True, client=c).stdout
-                os.write(w, out)
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(w)
-        with os.fdopen(r, "rb") as f:
-            got = f.read()
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        assert got == b"0077\n"
+        got = _out_in_forked_child(c, lambda: os.umask(0o077), ["sh", "-c", "umask"])
+        assert got == b"0077\n"  # the child's own, not the parent's
         assert _out(c, ["sh", "-c", "umask"]) == b"0022\n"  # and the parent's is still its own
         c.close()
     finally:
@@ -310,24 +316,10 @@ def test_forked_child_reads_its_own_limits(daemon: Daemon) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     c = sc.Client(daemon.path, autostart=False)
     assert _out(c, ["sh", "-c", "ulimit -n"]) == f"{soft}\n".encode()  # opens the file
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through the pipe
-        code = 1
-        try:
-            os.close(r)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft - 11, hard))  # the child's own
-            out = sc.run(["sh", "-c", "ulimit -n"], capture_output=True, client=c).stdout
-            os.write(w, out)
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        got = f.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert got == f"{soft - 11}\n".encode()
+    got = _out_in_forked_child(
+        c, lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft - 11, hard)),
+        ["sh", "-c", "ulimit -n"])
+    assert got == f"{soft - 11}\n".encode()  # the child's own
     assert _out(c, ["sh", "-c", "ulimit -n"]) == f"{soft}\n".encode()
     c.close()
 
