@@ -207,8 +207,9 @@ def spawn(spec: SpawnSpec) -> int:
     old_umask: int | None = None
     saved_limits: list[tuple[int, tuple[int, int]]] = []
     saved_affinity: set[int] | None = None
+    kept = True
     try:
-        actions = _file_actions(targets, moved, top, spec.cwd_fd, spec.cwd)
+        actions, kept = _file_actions(targets, moved, top, spec.cwd_fd, spec.cwd)
         attr = _attributes(flags, spec.restore_signals, pgroup)
         if spec.umask is not None and spec.umask != _OWN_UMASK:
             old_umask = os.umask(spec.umask)  # the child inherits it; single-threaded
@@ -219,6 +220,8 @@ def spawn(spec: SpawnSpec) -> int:
         if old_umask is not None:
             os.umask(old_umask)
         _give_back(saved_limits, saved_affinity)
+        if not kept:
+            _fa_destroy(actions)
         for fd in moved.values():
             os.close(fd)
     if err:
@@ -269,9 +272,11 @@ def resolve_executable(name: bytes, path_env: bytes | None, cwd: bytes | None) -
 
 
 class _ArrayCache:
-    """NULL-terminated ``char *[]`` arrays of immutable byte-string tuples, by identity."""
+    """NULL-terminated ``char *[]`` arrays of immutable byte-string tuples, by identity.
+    Bounded in count and in what each entry keeps alive (a request's strings)."""
 
     SIZE = 32
+    MAX_BYTES = 32 * 1024
 
     def __init__(self) -> None:
         self._arrays: dict[int, tuple[tuple[bytes, ...], ctypes.Array]] = {}
@@ -283,9 +288,10 @@ class _ArrayCache:
         if hit is not None and hit[0] is strings:
             return hit[1]
         arr = (ctypes.c_char_p * (len(strings) + 1))(*strings)
-        if len(self._arrays) >= self.SIZE:
-            self._arrays.clear()
-        self._arrays[id(strings)] = (strings, arr)  # the tuple keeps its bytes (and id) alive
+        if sum(map(len, strings)) <= self.MAX_BYTES:
+            if len(self._arrays) >= self.SIZE:
+                self._arrays.clear()
+            self._arrays[id(strings)] = (strings, arr)  # the tuple keeps its bytes (and id)
         return arr
 
 
@@ -294,6 +300,7 @@ _ENVP = _ArrayCache()
 _ATTRS: dict[tuple[int, bool, int | None], ctypes.Array] = {}
 _ACTIONS: dict[tuple[object, ...], ctypes.Array] = {}
 _ACTIONS_KEPT = 32
+_CWD_KEPT_MAX = 4096  # file actions with a longer cwd path are built, used and destroyed
 
 
 def _attributes(flags: int, restore_signals: bool, pgroup: int | None) -> ctypes.Array:
@@ -316,12 +323,13 @@ def _attributes(flags: int, restore_signals: bool, pgroup: int | None) -> ctypes
 
 
 def _file_actions(targets: dict[int, int], moved: dict[int, int], top: int,
-                  cwd_fd: int | None, cwd: bytes | None) -> ctypes.Array:
-    """The file actions for these fd numbers and cwd; kept by exactly those values."""
+                  cwd_fd: int | None, cwd: bytes | None) -> tuple[ctypes.Array, bool]:
+    """The file actions for these fd numbers and cwd, kept by exactly those values; and
+    whether they are kept (else the caller destroys them after its spawn)."""
     key = (tuple(targets.items()), tuple(moved.items()), top, cwd_fd, cwd)
     actions = _ACTIONS.get(key)
     if actions is not None:
-        return actions
+        return actions, True
     actions = ctypes.create_string_buffer(_ACTIONS_SIZE)
     _fa_init(actions)  # a memset in glibc: cannot fail
     try:
@@ -334,12 +342,14 @@ def _file_actions(targets: dict[int, int], moved: dict[int, int], top: int,
     except SpawnError:
         _fa_destroy(actions)
         raise
+    if cwd is not None and len(cwd) > _CWD_KEPT_MAX:
+        return actions, False  # each entry holds a copy of the path: long ones are not kept
     if len(_ACTIONS) >= _ACTIONS_KEPT:
         for old in _ACTIONS.values():
             _fa_destroy(old)  # glibc frees the copied paths and the action list
         _ACTIONS.clear()
     _ACTIONS[key] = actions
-    return actions
+    return actions, True
 
 
 def _borrow_rlimits(limits: Sequence[tuple[int, int, int]]) -> list[tuple[int, tuple[int, int]]]:

@@ -581,3 +581,31 @@ def test_kept_glibc_structures_follow_every_change(tmp_path):
         os.close(r)
         if w >= 0:
             os.close(w)
+
+
+def test_a_long_cwd_is_not_kept(tmp_path):
+    """What the kept file actions hold is bounded: a cwd path over 4 KiB is used once and its
+    actions destroyed (such a path fails the child's chdir anyway: ENAMETOOLONG)."""
+    from spawnd import spawner
+
+    before = dict(spawner._ACTIONS)
+    long_cwd = b"/".join([b"x" * 200] * 30)
+    with pytest.raises(SpawnError) as info:
+        spawn(SpawnSpec(b"/bin/true", [b"true"], [], cwd=long_cwd))
+    assert info.value.errno == errno.ENAMETOOLONG and info.value.stage == STAGE_CWD
+    assert all(key[-1] != long_cwd for key in spawner._ACTIONS)
+    assert {k: v for k, v in spawner._ACTIONS.items() if k in before} == before
+    assert_no_child()
+
+
+def test_a_large_environment_is_not_kept():
+    """The kept argv/envp arrays hold their strings alive: only small ones are kept."""
+    from spawnd import spawner
+
+    big = tuple(b"V%d=" % i + b"x" * 1000 for i in range(40))  # 40 KiB
+    small = (b"A=1",)
+    for env in (big, small):
+        assert reap(spawn(SpawnSpec(b"/bin/true", (b"true",), env))) == 0
+    kept = [strings for strings, _ in spawner._ENVP._arrays.values()]
+    assert any(s is small for s in kept)
+    assert not any(s is big for s in kept)
