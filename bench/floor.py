@@ -143,6 +143,10 @@ class FloorClient:
         self.cc.their_hello = P.Hello()
         self.buf = bytearray(65536)
         self.rid = 0
+        from spawnd_client._caller import caller_state
+        from spawnd_client.client import spawn_request
+
+        self._client_fns = (caller_state, spawn_request)  # imported once, not per timed spawn
 
     def _recv_event(self) -> Any:
         while True:
@@ -153,9 +157,7 @@ class FloorClient:
             self.cc.receive_data(bytes(self.buf[:nb]), _fds(anc))
 
     def one(self) -> None:
-        from spawnd_client._caller import caller_state
-        from spawnd_client.client import spawn_request
-
+        caller_state, spawn_request = self._client_fns
         self.rid += 1
         i, s, v = self.rid, self.sock, self.v
         fds: list[int] = []

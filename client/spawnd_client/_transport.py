@@ -311,7 +311,7 @@ class Transport:
         of the request left (the caller may resend it on a new connection).
         """
         rid: int = event.id  # type: ignore[attr-defined]
-        data = event.frame if type(event) is SpawnFrame else self.proto.send(event)  # type: ignore[union-attr, arg-type]
+        data = frame_of(event, self.proto)
         if len(data) > _MAX_WIRE:
             check_frame_size(data)  # the daemon would drop the whole connection for it
         if self.reentrant():
