@@ -901,6 +901,38 @@ def _spawn_reply(data: bytes, fds: tuple[int, ...]) -> Spawned | Exit | None:
     return None
 
 
+# A Spawn frame as ``Connection.send`` writes it: after the map header, fixstr "t", fixstr
+# "spawn", fixstr "id", then the id (a msgpack uint), then the other fields.
+_SPAWN_HEAD = b"\xa1t\xa5spawn\xa2id"
+_UINT_SIZE = {0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9}  # uint8..uint64, type byte included
+
+
+def split_spawn_id(body: bytes) -> tuple[bytes, int, bytes] | None:
+    """(everything before the id, the id, everything after it) of a Spawn frame body in
+    that layout; None for any other. Both sides use it: the daemon to recognise a frame
+    seen before, the client to re-send one with another id."""
+    if not body:
+        return None
+    b0 = body[0]
+    at = 1 if 0x80 <= b0 <= 0x8F else 3 if b0 == 0xDE else 0  # fixmap, map16
+    if not at or not body.startswith(_SPAWN_HEAD, at):
+        return None
+    at += len(_SPAWN_HEAD)
+    if at >= len(body):
+        return None
+    t = body[at]
+    if t < 0x80:
+        size, rid = 1, t
+    else:
+        size = _UINT_SIZE.get(t, 0)
+        if not size:
+            return None
+        rid = int.from_bytes(body[at + 1:at + size], "big")
+        if rid >= 2**63:
+            return None
+    return body[:at], rid, body[at + size:]
+
+
 class _SpawnCache:
     """Spawn frames seen before, by their bytes apart from the id: parsed once, not again.
 
@@ -915,9 +947,6 @@ class _SpawnCache:
 
     SIZE = 16
     MAX_BYTES = 32 * 1024
-    # After the map header: fixstr "t", fixstr "spawn", fixstr "id"; then the id (an int).
-    HEAD = b"\xa1t\xa5spawn\xa2id"
-    INT_SIZE = {0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9}  # uint8..uint64, type byte included
 
     def __init__(self) -> None:
         # frame without its id -> the fields of the Spawn it parsed to, less id and fds
@@ -927,24 +956,8 @@ class _SpawnCache:
         """(the frame without its id, the id), or None for any other shape."""
         if len(body) > self.MAX_BYTES:
             return None
-        b0 = body[0]
-        at = 1 if 0x80 <= b0 <= 0x8F else 3 if b0 == 0xDE else 0
-        if not at or not body.startswith(self.HEAD, at):
-            return None
-        at += len(self.HEAD)
-        if at >= len(body):
-            return None
-        t = body[at]
-        if t < 0x80:
-            size, rid = 1, t
-        else:
-            size = self.INT_SIZE.get(t, 0)
-            if not size:
-                return None
-            rid = int.from_bytes(body[at + 1:at + size], "big")
-            if rid >= 2**63:
-                return None
-        return body[:at] + body[at + size:], rid
+        parts = split_spawn_id(body)
+        return None if parts is None else (parts[0] + parts[2], parts[1])
 
     def lookup(self, body: bytes, fds: tuple[int, ...]) -> Spawn | None:
         split = self._split(body)

@@ -114,9 +114,6 @@ def feed(proto: P.Connection, data: bytes, anc: Any, route: Callable[[P.Event], 
     return None
 
 
-_SPAWN_HEAD = b"\xa1t\xa5spawn\xa2id"  # "t": "spawn", "id": -- first, in this order
-
-
 class SpawnFrame:
     """A Spawn request already encoded: what :func:`~spawnd_client.client.spawn_request`
     returns, so that a request equal to the previous one but for its id reuses its bytes.
@@ -132,7 +129,7 @@ class SpawnFrame:
     def __init__(self, rid: int, head: bytes, rest: bytes, base: P.Spawn) -> None:
         rid_bytes = _packb(rid) if head else b""  # no head: rest is the whole body
         self.id = rid
-        self._head = head  # map header + _SPAWN_HEAD
+        self._head = head  # map header, "t": "spawn", "id" (protocol.split_spawn_id)
         self._rest = rest  # every field after the id
         self._base = base  # the Spawn these bytes encode, but maybe with another id
         self._spawn: P.Spawn | None = base if base.id == rid else None
@@ -142,11 +139,9 @@ class SpawnFrame:
     @classmethod
     def encode(cls, req: P.Spawn) -> SpawnFrame:
         body = _packb(req.to_wire(), use_bin_type=True)  # what Connection.send packs
-        h = 1 if 0x80 <= body[0] <= 0x8F else 3 if body[0] == 0xDE else 0  # fixmap, map16
-        rid_bytes = _packb(req.id)
-        end = h + len(_SPAWN_HEAD)
-        if h and body[h:end] == _SPAWN_HEAD and body[end:end + len(rid_bytes)] == rid_bytes:
-            return cls(req.id, body[:end], body[end + len(rid_bytes):], req)
+        parts = P.split_spawn_id(body)
+        if parts is not None and parts[1] == req.id:
+            return cls(req.id, parts[0], parts[2], req)
         # Another layout (not t, then id): sent as encoded, re-encoded for another id.
         return cls(req.id, b"", body, req)
 
